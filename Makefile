@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (both set up first).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch's CPU wheel lies in pip's find-links folder; uv does not read pip's configuration.
+FIND_LINKS := $(shell python3 -m pip config get global.find-links 2>/dev/null)
+UV_LINKS   := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),)
+TORCH      ?= torch==2.13.0
+APT_PKGS   := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0 \
+              libxcb-image0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 \
+              libegl1 libgl1 libglib2.0-0 libfontconfig1 libdbus-1-3
+
+.PHONY: setup sysdeps demo test test-fast benchmark clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m pip install -q uv
+	python3 -m uv venv -q --allow-existing $(VENV) --python python3
+	python3 -m uv pip install -q --python $(PY) $(UV_LINKS) "$(TORCH)" -e ".[testing]"
+	touch $@
+
+# Xvfb and the X libraries Qt6 needs, for the GUI tests (root on CI; skipped if present).
+sysdeps:
+	@command -v Xvfb >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(APT_PKGS); }
+
+demo: setup
+	$(VENV)/bin/consistent-seg demo
+
+test: setup sysdeps
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not gui"
+
+benchmark: setup
+	$(PY) benchmarks/accuracy.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

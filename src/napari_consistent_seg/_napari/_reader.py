@@ -1,0 +1,67 @@
+"""napari reader: NIfTI files and DICOM series (a folder, or files of one) as Image or Labels layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import VolumeReadError
+from ..io import load_volume
+from ..io.dicom import find_dicom_files, is_dicom_file, series_id
+from ..io.nifti import is_nifti_path
+from .layers import volume_to_layer_data
+
+# get_reader looks at this many entries of a folder for a DICOM file before declining it.
+_FOLDER_ENTRIES_CHECKED = 64
+_DICOM_SUFFIXES = (".dcm", ".ima")
+
+
+def get_reader(path):
+    """The reader function if every path is ours (NIfTI, DICOM file, folder with DICOM), else None.
+
+    Never raises: napari then asks the next plugin.
+    """
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths or not all(_is_readable_by_us(p) for p in paths):
+        return None
+    return read_layers
+
+
+def read_layers(path) -> list[tuple]:
+    """Layer data tuples of the given path(s); a DICOM series listed file by file is read once.
+
+    Raises VolumeReadError (napari shows its message) for anything that cannot be read.
+    """
+    from napari.utils.notifications import show_warning
+
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    layers, series_seen = [], set()
+    for one_path in paths:
+        try:
+            if is_dicom_file(one_path):
+                series = series_id(one_path)
+                if series in series_seen:
+                    continue
+                series_seen.add(series)
+            volume = load_volume(one_path)
+        except VolumeReadError:
+            raise
+        except Exception as error:  # napari shows only our message type cleanly
+            raise VolumeReadError(
+                f"{one_path} could not be opened ({type(error).__name__}: {error})."
+            ) from error
+        for warning in volume.meta.get("warnings", []):
+            show_warning(warning)
+        layers.append(volume_to_layer_data(volume))
+    return layers
+
+
+def _is_readable_by_us(path) -> bool:
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return bool(find_dicom_files(path, max_checked=_FOLDER_ENTRIES_CHECKED))
+        if not path.is_file():
+            return False
+        return is_nifti_path(path) or path.suffix.lower() in _DICOM_SUFFIXES or is_dicom_file(path)
+    except OSError:
+        return False

@@ -1,0 +1,306 @@
+"""Pieces every widget of the plugin shares: layer, model, device and modality pickers; messages;
+unique layer names; the grid of a layer; and new layers carrying a model's class names and colours.
+
+No maths here and no state outside the widget instances that own these pieces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.utils.colormaps import Colormap, DirectLabelColormap
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget,
+)
+
+from ..errors import ConsistentSegError
+from ..io import Volume
+from ..models.store import list_models
+from .layers import METADATA_KEY, volume_from_layer
+
+MODALITY_CHOICES = {"from layer": None, "CT": "CT", "MR": "MR"}
+
+
+def notify(message: str, level: str = "info", label: QLabel | None = None) -> None:
+    """Show ``message`` as a napari notification ("info" | "warning" | "error") and in ``label``."""
+    from napari.utils import notifications
+
+    if label is not None:
+        label.setText(message)
+    {"error": notifications.show_error, "warning": notifications.show_warning}.get(
+        level, notifications.show_info)(message)
+
+
+def unique_layer_name(viewer, base: str) -> str:
+    """``base`` if no layer has that name, else ``base [2]``, ``base [3]``, ... (never an existing one)."""
+    taken = {layer.name for layer in viewer.layers}
+    if base not in taken:
+        return base
+    n = 2
+    while f"{base} [{n}]" in taken:
+        n += 1
+    return f"{base} [{n}]"
+
+
+def volume_of(layer) -> Volume:
+    """The layer as a (Z, Y, X) Volume (data not copied); ConsistentSegError for 4D, RGB, multiscale."""
+    if layer is None:
+        raise ConsistentSegError("Choose a layer first (open a scan with File > Open, or a sample).")
+    if getattr(layer, "multiscale", False):
+        raise ConsistentSegError(f"{layer.name!r} is multiscale: open the scan at full resolution.")
+    return volume_from_layer(layer)
+
+
+def grid_kwargs(layer) -> dict:
+    """Layer keyword arguments that put a new layer on ``layer``'s grid: scale, translate, our metadata."""
+    ours = dict((layer.metadata or {}).get(METADATA_KEY, {}))
+    ours.pop("class_names", None)
+    ours["warnings"] = []
+    return {"scale": tuple(layer.scale)[-3:], "translate": tuple(layer.translate)[-3:],
+            "metadata": {METADATA_KEY: ours}}
+
+
+def label_colormap(colours: dict[int, str]) -> DirectLabelColormap:
+    """Label value -> colour; background and unknown values transparent."""
+    colour_dict = {None: "transparent", 0: "transparent"}
+    colour_dict.update({int(k): v for k, v in colours.items() if int(k) != 0})
+    return DirectLabelColormap(color_dict=colour_dict)
+
+
+def intensity_colormap(colour: str, name: str) -> Colormap:
+    """Transparent black -> ``colour``, for one class's map blended additively over the scan."""
+    rgb = np.array([int(colour[i:i + 2], 16) / 255.0 for i in (1, 3, 5)])
+    return Colormap(colors=[[0.0, 0.0, 0.0, 0.0], [*rgb, 1.0]], name=name)
+
+
+def labels_layer_data(labels: np.ndarray, like, classes: dict[int, str], colours: dict[int, str],
+                      name: str, extra_metadata: dict | None = None) -> tuple[np.ndarray, dict]:
+    """(data, kwargs) of a Labels layer on ``like``'s grid with class names (hover) and colours.
+
+    ``classes`` {value: name} includes background 0; ``like`` is the image the labels belong to.
+    """
+    kwargs = grid_kwargs(like)
+    foreground = {int(k): str(v) for k, v in classes.items() if int(k) != 0}
+    kwargs["metadata"][METADATA_KEY].update(class_names=foreground, **(extra_metadata or {}))
+    kwargs.update(
+        name=name,
+        colormap=label_colormap(colours),
+        # The features table makes napari show the class name under the cursor.
+        features={"index": [0, *foreground], "class": [classes.get(0, "background"), *foreground.values()]},
+    )
+    return labels, kwargs
+
+
+def add_labels_layer(viewer, labels, like, classes, colours, name, extra_metadata=None) -> Labels:
+    """Add labels as a new layer (never replacing one: the name is made unique)."""
+    data, kwargs = labels_layer_data(labels, like, classes, colours, unique_layer_name(viewer, name),
+                                     extra_metadata)
+    return viewer.add_labels(data, **kwargs)
+
+
+def class_names_of(layer) -> dict[int, str]:
+    """{value: name} recorded on a Labels layer (by our reader or a model), or {} if none."""
+    names = (layer.metadata or {}).get(METADATA_KEY, {}).get("class_names") or {}
+    return {int(k): str(v) for k, v in names.items()}
+
+
+class LayerPicker(QComboBox):
+    """Combo box of the viewer's layers of one type; follows layers added, removed and renamed."""
+
+    def __init__(self, viewer, layer_type: type = Image, parent: QWidget | None = None):
+        super().__init__(parent)
+        self._viewer = viewer
+        self._layer_type = layer_type
+        self._none_text = f"(no {layer_type.__name__.lower()} layer)"
+        events = viewer.layers.events
+        self._connections = [(events.inserted, self._on_inserted), (events.removed, self.refresh),
+                             (events.moved, self.refresh)]
+        for emitter, handler in self._connections:
+            emitter.connect(handler)
+        for layer in viewer.layers:
+            layer.events.name.connect(self.refresh)
+        self.destroyed.connect(_Disconnector(self._connections))
+        self.refresh()
+
+    def layer(self):
+        """The chosen layer, or None when there is none of this type."""
+        index = self.currentIndex()
+        if index < 0:
+            return None
+        wanted = self.itemData(index)
+        return next((layer for layer in self._viewer.layers if _key(layer) == wanted), None)
+
+    def set_layer(self, layer) -> None:
+        index = self.findData(_key(layer))
+        if index >= 0:
+            self.setCurrentIndex(index)
+
+    def refresh(self, *_event) -> None:
+        current = self.itemData(self.currentIndex()) if self.currentIndex() >= 0 else None
+        self.blockSignals(True)
+        self.clear()
+        for layer in reversed(self._viewer.layers):  # top of the layer list first, as napari shows it
+            if isinstance(layer, self._layer_type):
+                self.addItem(layer.name, _key(layer))
+        index = self.findData(current) if current is not None else -1
+        self.setCurrentIndex(index if index >= 0 else (0 if self.count() else -1))
+        self.setPlaceholderText(self._none_text)
+        self.blockSignals(False)
+        self.currentIndexChanged.emit(self.currentIndex())
+
+    def _on_inserted(self, event) -> None:
+        event.value.events.name.connect(self.refresh)
+        self.refresh()
+
+
+def _key(layer) -> str:
+    # not id(): napari hands plugins proxies of layers, a new proxy object on each access
+    return str(layer.unique_id)
+
+
+class _Disconnector:
+    """Disconnects viewer events from a widget being deleted (a plain object outlives the widget)."""
+
+    def __init__(self, connections):
+        self._connections = connections
+
+    def __call__(self, *_args):
+        for emitter, handler in self._connections:
+            emitter.disconnect(handler)
+
+
+class _RefreshingComboBox(QComboBox):
+    """Re-reads its items each time its list opens, so models saved elsewhere show up."""
+
+    about_to_show = Signal()
+
+    def showPopup(self):
+        self.about_to_show.emit()
+        super().showPopup()
+
+
+class ModelPicker(QWidget):
+    """Shipped and user models (refreshed whenever the list opens or the widget shows) plus any
+    model folder chosen with "Folder…". ``choice()`` is a name or a folder path, or None."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.combo = _RefreshingComboBox()
+        self.combo.setPlaceholderText("(no model: choose a folder)")
+        self.combo.about_to_show.connect(self.refresh)
+        browse = QPushButton("Folder…")
+        browse.setToolTip("Use a model folder (card.json + backbone.safetensors)")
+        browse.clicked.connect(self._browse)
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.combo, 1)
+        row.addWidget(browse)
+        self._folders: list[str] = []
+        self.refresh()
+
+    def choice(self) -> str | None:
+        """The chosen model's folder, or None."""
+        index = self.combo.currentIndex()
+        return None if index < 0 else self.combo.itemData(index)
+
+    def refresh(self) -> None:
+        current = self.choice()
+        self.combo.clear()
+        for entry in list_models():
+            classes = ", ".join(v for k, v in sorted(entry["classes"].items(), key=lambda kv: int(kv[0]))
+                                if int(k) != 0)
+            self.combo.addItem(f"{entry['name']} ({entry['source']}, {'/'.join(entry['modalities'])})",
+                               entry["path"])
+            self.combo.setItemData(self.combo.count() - 1, f"{classes}\n{entry['path']}",
+                                   _TOOLTIP_ROLE)
+        for folder in self._folders:
+            self.combo.addItem(f"{Path(folder).name} (folder)", folder)
+        index = self.combo.findData(current) if current is not None else -1
+        self.combo.setCurrentIndex(index if index >= 0 else (0 if self.combo.count() else -1))
+
+    def select(self, name: str) -> bool:
+        """Choose the listed model called ``name``; False if there is none."""
+        self.refresh()
+        for entry in list_models():
+            if entry["name"] == name:
+                self.combo.setCurrentIndex(self.combo.findData(entry["path"]))
+                return True
+        return False
+
+    def add_folder(self, folder: str | Path) -> None:
+        """Offer a model folder (it is checked when the model loads) and choose it."""
+        folder = str(folder)
+        if folder not in self._folders:
+            self._folders.append(folder)
+        self.refresh()
+        self.combo.setCurrentIndex(self.combo.findData(folder))
+
+    def showEvent(self, event):
+        self.refresh()
+        super().showEvent(event)
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Model folder (with card.json)")
+        if folder:
+            self.add_folder(folder)
+
+
+def _tooltip_role():
+    from qtpy.QtCore import Qt
+
+    return Qt.ItemDataRole.ToolTipRole
+
+
+_TOOLTIP_ROLE = _tooltip_role()
+
+
+def device_choices() -> list[str]:
+    """"auto" and "cpu", plus "cuda" / "mps" where this machine has them."""
+    import torch
+
+    choices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        choices.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        choices.append("mps")
+    return choices
+
+
+def combo(items, tooltip: str = "") -> QComboBox:
+    box = QComboBox()
+    box.addItems(list(items))
+    box.setToolTip(tooltip)
+    return box
+
+
+class ModelInputs(QWidget):
+    """The form rows the model-running widgets share: image, modality, model, device."""
+
+    def __init__(self, viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.image = LayerPicker(viewer, Image)
+        self.modality = combo(MODALITY_CHOICES, "Which normalisation to use; 'from layer' uses what the "
+                                                "reader found (unknown: the model's first modality)")
+        self.model = ModelPicker()
+        self.device = combo(device_choices(), "auto: a GPU when there is one, else the CPU")
+        self.form = QFormLayout(self)
+        self.form.setContentsMargins(0, 0, 0, 0)
+        self.form.addRow("Image", self.image)
+        self.form.addRow("Modality", self.modality)
+        self.form.addRow("Model", self.model)
+        self.form.addRow("Device", self.device)
+
+    def read(self) -> tuple:
+        """(image layer, Volume, modality or None, model choice, device); ConsistentSegError if unusable."""
+        layer = self.image.layer()
+        if layer is None:
+            raise ConsistentSegError("No image layer: open a scan (File > Open) or a sample first.")
+        volume = volume_of(layer)
+        modality = MODALITY_CHOICES[self.modality.currentText()] or volume.modality
+        model = self.model.choice()
+        if model is None:
+            raise ConsistentSegError("No model: no model is installed yet; choose a model folder.")
+        return layer, volume, modality, model, self.device.currentText()

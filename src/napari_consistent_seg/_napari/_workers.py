@@ -1,0 +1,188 @@
+"""Run one long task at a time off the Qt main thread, with a progress bar, a Cancel button and a
+status line; stop it when the widget goes away (viewer closed) so nothing touches a dead window.
+
+A task is ``task(progress, cancel)``: ``progress(done, total)`` may be called from the worker
+thread, ``cancel`` is a ``threading.Event``. A plain function returns its result; a generator
+yields intermediate results (delivered on the main thread) and returns its result.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from napari.qt.threading import create_worker
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+
+from ..errors import Cancelled, ConsistentSegError
+from ._widget_common import notify
+
+log = logging.getLogger(__name__)
+
+
+class _ProgressRelay(QObject):
+    """Carries ``progress(done, total)`` calls from the worker thread to the main thread (queued)."""
+
+    progressed = Signal(int, int)
+
+
+class _RunState:
+    """What a running task needs to be stopped; a plain object so that it outlives the widget."""
+
+    def __init__(self):
+        self.cancel = threading.Event()
+        self.done = threading.Event()
+        self.done.set()
+        self.worker = None
+
+    def begin(self, worker, cancel: threading.Event) -> None:
+        self.cancel = cancel
+        self.done.clear()
+        self.worker = worker
+        # Direct connection: set from the worker thread itself, so a blocked main thread can wait on it.
+        worker.finished.connect(self.done.set, Qt.ConnectionType.DirectConnection)
+
+    def stop(self, *_args) -> None:
+        self.cancel.set()
+        worker = self.worker
+        if worker is not None:
+            worker.quit()  # a generator task stops at its next yield
+
+
+class TaskRunner(QWidget):
+    """Progress bar, Cancel button and status line for one task at a time.
+
+    ``start`` returns False (and says so) when a task is already running. Callbacks run on the
+    main thread: ``on_returned(result)``, ``on_yielded(value)``, ``on_finished()`` (always, last).
+    A ``Cancelled`` error is a normal end; a ``ConsistentSegError`` shows its message; any other
+    error shows its type and message and is logged; none reaches napari.
+    """
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setTextVisible(True)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        row = QHBoxLayout()
+        row.addWidget(self.progress_bar, 1)
+        row.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(row)
+        layout.addWidget(self.status)
+        self._state = _RunState()
+        self._relay = _ProgressRelay()
+        self._relay.progressed.connect(self._show_progress)
+        self._callbacks: dict[str, Callable | None] = {}
+        self._description = ""
+        self._started_at = 0.0
+        self.last_error: BaseException | None = None
+        # The widget is deleted with the main window: stop the task then (plain-object slot).
+        self.destroyed.connect(self._state.stop)
+        self._idle()
+
+    @property
+    def running(self) -> bool:
+        return self._state.worker is not None
+
+    def start(self, task: Callable, *, description: str, on_returned=None, on_yielded=None,
+              on_finished=None) -> bool:
+        if self.running:
+            notify("A task is running already: wait for it or press Cancel.", "warning", self.status)
+            return False
+        relay = self._relay
+
+        def progress(done: int, total: int) -> None:
+            relay.progressed.emit(int(done), int(total))
+
+        cancel = threading.Event()
+        worker = create_worker(task, progress, cancel, _ignore_errors=True)
+        self._state.begin(worker, cancel)
+        self._callbacks = {"returned": on_returned, "yielded": on_yielded, "finished": on_finished}
+        self._description = description
+        self._started_at = time.monotonic()
+        self.last_error = None
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
+        if on_yielded is not None:
+            worker.yielded.connect(self._on_yielded)
+        worker.finished.connect(self._on_finished)
+        self.progress_bar.setRange(0, 0)  # busy until the first progress report
+        self.progress_bar.setVisible(True)
+        self.cancel_button.setEnabled(True)
+        self.status.setText(f"{description}…")
+        worker.start()
+        return True
+
+    def cancel(self) -> None:
+        """Ask the task to stop at its next check; its finish callbacks still run."""
+        if self.running:
+            self._state.cancel.set()
+            self.status.setText(f"{self._description}: cancelling…")
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Cancel and wait (blocking) up to ``timeout_s`` for the worker thread to end."""
+        self._state.stop()
+        return self._state.done.wait(timeout_s)
+
+    def wait(self, timeout_s: float = 60.0) -> bool:
+        """Block until the task's thread ends (tests and scripts; the GUI never calls this)."""
+        return self._state.done.wait(timeout_s)
+
+    def show_progress(self, done: int, total: int, text: str = "") -> None:
+        """Main thread only: set the bar (and the status line when ``text`` is given)."""
+        self.progress_bar.setRange(0, max(int(total), 1))
+        self.progress_bar.setValue(min(int(done), max(int(total), 1)))
+        if text:
+            self.status.setText(text)
+
+    # -- worker signals (main thread) --
+    def _show_progress(self, done: int, total: int) -> None:
+        self.show_progress(done, total)
+
+    def _on_yielded(self, value) -> None:
+        self._call("yielded", value)
+
+    def _on_returned(self, result) -> None:
+        seconds = time.monotonic() - self._started_at
+        self.status.setText(f"{self._description}: done in {seconds:.1f} s.")
+        self._call("returned", result)
+
+    def _on_errored(self, error: BaseException) -> None:
+        self.last_error = error
+        if isinstance(error, Cancelled):
+            self.status.setText(f"{self._description}: cancelled; nothing was changed.")
+        elif isinstance(error, ConsistentSegError):
+            notify(str(error), "error", self.status)
+        else:
+            log.error("%s failed", self._description, exc_info=error)
+            notify(f"{self._description} failed: {type(error).__name__}: {error}", "error", self.status)
+
+    def _on_finished(self) -> None:
+        self._state.worker = None
+        self._idle()
+        self._call("finished")
+
+    def _call(self, name: str, *args) -> None:
+        callback = self._callbacks.get(name)
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except ConsistentSegError as error:
+            notify(str(error), "error", self.status)
+        except Exception as error:  # a bug of ours must not reach napari as a crash
+            log.error("%s: %s callback failed", self._description, name, exc_info=error)
+            notify(f"{self._description}: {type(error).__name__}: {error}", "error", self.status)
+
+    def _idle(self) -> None:
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.cancel_button.setEnabled(False)

@@ -1,0 +1,102 @@
+"""Volume <-> napari layer data tuples, and the source grid of a napari layer.
+
+Our facts about a layer live in ``layer.metadata["consistent_seg"]``: geometry (Geometry.to_dict),
+modality, source, warnings and, for labels with known classes, class_names {value: name}.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ConsistentSegError, ShapeMismatchError
+from ..io import Geometry, Volume
+
+METADATA_KEY = "consistent_seg"
+
+
+def volume_to_layer_data(volume: Volume) -> tuple[np.ndarray, dict, str]:
+    """(data, kwargs, "image" | "labels") with scale = spacing_mm (z, y, x) and our metadata."""
+    ours = {
+        "geometry": volume.geometry.to_dict(),
+        "modality": volume.modality,
+        "source": volume.meta.get("source", ""),
+        "warnings": list(volume.meta.get("warnings", [])),
+    }
+    kwargs = {"name": volume.name, "scale": tuple(volume.spacing_mm), "metadata": {METADATA_KEY: ours}}
+    if volume.is_label:
+        class_names = volume.meta.get("class_names")
+        if class_names:
+            ours["class_names"] = dict(class_names)
+            # The features table makes napari show the class name under the cursor.
+            kwargs["features"] = {
+                "index": [0, *class_names],
+                "class": ["background", *class_names.values()],
+            }
+        return volume.data, kwargs, "labels"
+    kwargs["contrast_limits"] = list(volume.display_limits())
+    kwargs["colormap"] = "gray"
+    return volume.data, kwargs, "image"
+
+
+def volume_from_layer_data(data, meta: dict, layer_type: str) -> Volume:
+    """Volume from a layer data tuple, the form napari writers receive (data, layer state, type).
+
+    2D data becomes Z=1. Raises ShapeMismatchError for data of more than 3 dimensions and
+    ConsistentSegError for RGB images.
+    """
+    if meta.get("multiscale"):
+        data = data[0]
+    if meta.get("rgb"):
+        raise ConsistentSegError("RGB images are not CT/MR volumes: convert the layer to grey levels first.")
+    array = np.asarray(data)
+    if array.ndim == 2:
+        array = array[np.newaxis]
+    if array.ndim != 3:
+        raise ShapeMismatchError(
+            f"The layer has {array.ndim} dimensions {array.shape}; only a 2D or 3D (z, y, x) layer "
+            "can be a volume: take one time point or channel first."
+        )
+    ours = (meta.get("metadata") or {}).get(METADATA_KEY, {})
+    return Volume(
+        data=array,
+        geometry=_geometry(array.shape, meta.get("scale"), ours.get("geometry")),
+        modality=ours.get("modality", "unknown"),
+        name=meta.get("name", ""),
+        is_label=layer_type == "labels",
+        meta={"source": ours.get("source", ""), "warnings": []},
+    )
+
+
+def volume_from_layer(layer) -> Volume:
+    """Volume of a napari Image or Labels layer (data not copied)."""
+    return volume_from_layer_data(*layer.as_layer_data_tuple())
+
+
+def geometry_from_layer(layer) -> Geometry:
+    """The layer's source grid from its metadata; else canonical at the origin with spacing = scale.
+
+    2D layers count as Z=1 (z spacing 1 mm); layers with more than 3 axes use the last three.
+    Stored geometry that no longer fits the layer's shape is ignored.
+    """
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    shape = tuple(np.shape(data))
+    if getattr(layer, "rgb", False):
+        shape = shape[:-1]
+    shape_zyx = ((1,) + shape)[-3:] if len(shape) == 2 else shape[-3:]
+    stored = (layer.metadata or {}).get(METADATA_KEY, {}).get("geometry")
+    return _geometry(shape_zyx, layer.scale, stored)
+
+
+def modality_from_layer(layer) -> str:
+    """'CT', 'MR' or 'unknown', as recorded when the layer was read."""
+    return (layer.metadata or {}).get(METADATA_KEY, {}).get("modality", "unknown")
+
+
+def _geometry(shape_zyx, scale, stored: dict | None) -> Geometry:
+    if stored is not None:
+        geometry = Geometry.from_dict(stored)
+        if geometry.shape_zyx in (None, tuple(shape_zyx)):
+            return geometry
+    scale = tuple(float(s) for s in (scale if scale is not None else (1.0, 1.0, 1.0)))
+    spacing_mm = ((1.0,) + scale)[-3:] if len(scale) == 2 else scale[-3:]
+    return Geometry.from_spacing(spacing_mm, shape_zyx)

@@ -1,0 +1,99 @@
+"""Segment widget: an image layer + a model -> a Labels layer on the image's grid, named by class."""
+
+from __future__ import annotations
+
+import napari
+from qtpy.QtWidgets import QCheckBox, QPushButton, QVBoxLayout, QWidget
+
+from ..errors import ConsistentSegError
+from ..inference import predict_volume
+from ..models.store import load_model
+from ._widget_common import ModelInputs, add_labels_layer, grid_kwargs, intensity_colormap, notify, unique_layer_name
+from ._workers import TaskRunner
+
+
+class SegmentWidget(QWidget):
+    """Choose an image, a model and a device; Segment runs in a worker, Cancel stops it.
+
+    The result is a new Labels layer ``"<image> <model>"`` with the model's class names and
+    colours; optionally one probability Image layer per class. No existing layer is changed.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.inputs = ModelInputs(viewer)
+        self.probabilities = QCheckBox("Add per-class probability layers")
+        self.run_button = QPushButton("Segment")
+        self.run_button.clicked.connect(self.run)
+        self.runner = TaskRunner()
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.inputs)
+        layout.addWidget(self.probabilities)
+        layout.addWidget(self.run_button)
+        layout.addWidget(self.runner)
+        layout.addStretch(1)
+        self.last_layers: list = []
+
+    def run(self) -> bool:
+        """Start segmenting the chosen image; False (with a message) if the choices are unusable."""
+        try:
+            layer, volume, modality, model_choice, device = self.inputs.read()
+        except ConsistentSegError as error:
+            notify(str(error), "warning", self.runner.status)
+            return False
+        with_probabilities = self.probabilities.isChecked()
+        # Everything the result needs is read now: the image layer may be renamed or removed meanwhile.
+        context = {"image_name": layer.name, "grid": grid_kwargs(layer), "like": layer}
+
+        def task(progress, cancel):
+            model = load_model(model_choice, device="cpu")
+            prediction = predict_volume(
+                model, volume.data, spacing_mm=volume.spacing_mm, modality=modality, device=device,
+                return_probabilities=with_probabilities, progress=progress, cancel=cancel,
+            )
+            return model, prediction
+
+        self.last_layers = []
+        return self.runner.start(task, description=f"Segmenting {layer.name}",
+                                 on_returned=lambda result: self._add_result(context, *result),
+                                 on_finished=self._finished)
+
+    def _add_result(self, context: dict, model, prediction) -> None:
+        for warning in prediction.warnings:
+            notify(warning, "warning")
+        like = _GridOf(context["grid"])
+        labels = add_labels_layer(
+            self.viewer, prediction.labels, like, model.classes, model.colours,
+            f"{context['image_name']} {model.name}", extra_metadata={"model": model.name},
+        )
+        self.last_layers = [labels]
+        if prediction.probabilities is not None:
+            for value, name in model.classes.items():
+                if value == 0:
+                    continue
+                self.last_layers.append(self.viewer.add_image(
+                    prediction.probabilities[value],
+                    name=unique_layer_name(self.viewer, f"{context['image_name']} p({name})"),
+                    colormap=intensity_colormap(model.colours.get(value, "#ffffff"), f"p {name}"),
+                    contrast_limits=(0.0, 1.0), blending="additive", visible=False, **context["grid"],
+                ))
+        self.viewer.layers.selection.active = labels
+        found = ", ".join(name for value, name in model.classes.items()
+                          if value and (prediction.labels == value).any()) or "nothing"
+        self.runner.status.setText(f"Added {labels.name!r}: found {found}.")
+
+    def _finished(self) -> None:
+        self.run_button.setEnabled(True)
+
+    def closeEvent(self, event):
+        self.runner.stop(timeout_s=5.0)
+        super().closeEvent(event)
+
+
+class _GridOf:
+    """Stands in for a layer whose grid was read when the run started."""
+
+    def __init__(self, grid: dict):
+        self.scale, self.translate = grid["scale"], grid["translate"]
+        self.metadata = grid["metadata"]

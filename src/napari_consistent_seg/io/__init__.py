@@ -1,0 +1,7 @@
+"""Qt-free reading and writing of CT/MRI volumes in one canonical (z, y, x) orientation (docs/io.md)."""
+
+from .nifti import save_nifti
+from .phantom import PHANTOM_CLASSES, make_phantom
+from .volume import Geometry, Volume, load_volume
+
+__all__ = ["Geometry", "PHANTOM_CLASSES", "Volume", "load_volume", "make_phantom", "save_nifti"]

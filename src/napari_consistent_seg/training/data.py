@@ -1,0 +1,200 @@
+"""Training data: case lists from a ``splits.json`` folder, and 2D slice streams to sample from.
+
+A data-set folder holds ``<set>/images/<case>.nii.gz`` and ``<set>/labels/<case>.nii.gz`` with a
+``splits.json`` beside the sets (the layout of ../shared/data). Volumes are loaded once through
+``io.load_volume`` (canonical (z, y, x)), normalised, optionally resampled in-plane, and kept in
+memory as slices; labels are mapped onto the model's class list with a per-data-set label map.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConsistentSegError
+from ..intensity import normalise_intensity
+from ..io import load_volume
+
+
+@dataclass
+class Case:
+    name: str
+    image: Path
+    label: Path | None
+
+
+def patient_of(case_name: str) -> str:
+    """Cases of one patient share the part before ``_frame`` (acdc); other sets: one case each."""
+    return case_name.split("_frame")[0]
+
+
+def select_cases(root, dataset: str, split: str, *, first_patients: int | None = None,
+                 skip_patients: int = 0, cases: list[str] | None = None) -> list[Case]:
+    """Cases of ``dataset``/``split`` from ``root/splits.json``, in the file's order.
+
+    ``skip_patients`` then ``first_patients`` select by patient (all frames of a patient together),
+    e.g. the first 7 acdc training patients, or all but them.
+    """
+    root = Path(root)
+    splits_path = root / "splits.json"
+    if not splits_path.is_file():
+        raise ConsistentSegError(f"no splits.json in {root}: point the config's data root at the data folder")
+    splits = json.loads(splits_path.read_text())["splits"]
+    if dataset not in splits or split not in splits[dataset]:
+        raise ConsistentSegError(f"splits.json has no {dataset}/{split}")
+    names = cases if cases is not None else splits[dataset][split]
+    patients: list[str] = []
+    for name in names:
+        if patient_of(name) not in patients:
+            patients.append(patient_of(name))
+    keep = patients[skip_patients:]
+    if first_patients is not None:
+        keep = keep[:first_patients]
+    keep_set = set(keep)
+    out = []
+    for name in names:
+        if patient_of(name) in keep_set:
+            label = root / dataset / "labels" / f"{name}.nii.gz"
+            out.append(Case(name, root / dataset / "images" / f"{name}.nii.gz", label if label.is_file() else None))
+    return out
+
+
+def map_labels(labels: np.ndarray, label_map: dict | None) -> np.ndarray:
+    """Map data-set label values onto the model's classes; unmapped values become background."""
+    if not label_map:
+        return labels.astype(np.uint8)
+    lut = np.zeros(max(256, int(labels.max()) + 1), np.uint8)
+    for src, dst in label_map.items():
+        lut[int(src)] = int(dst)
+    return lut[labels.astype(np.int64)]
+
+
+def resample_inplane(image: np.ndarray, labels: np.ndarray | None, spacing_mm, target_yx):
+    """Resample (Z, Y, X) slices to ``target_yx`` mm in-plane (bilinear image, nearest labels)."""
+    if not target_yx:
+        return image, labels
+    size = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(image.shape[1:], spacing_mm[1:], target_yx))
+    if size == image.shape[1:]:
+        return image, labels
+    img = F.interpolate(torch.from_numpy(image)[:, None], size=size, mode="bilinear", align_corners=False)
+    image = img[:, 0].numpy()
+    if labels is not None:
+        lab = F.interpolate(torch.from_numpy(labels)[:, None].float(), size=size, mode="nearest")
+        labels = lab[:, 0].numpy().astype(np.uint8)
+    return image, labels
+
+
+@dataclass
+class Source:
+    """One data set's contribution: which cases, how to read them, which modality."""
+
+    dataset: str
+    split: str = "train"
+    modality: str = "MR"
+    first_patients: int | None = None
+    skip_patients: int = 0
+    label_map: dict | None = None
+    cases: list[str] | None = None
+
+    def select(self, root) -> list[Case]:
+        return select_cases(root, self.dataset, self.split, first_patients=self.first_patients,
+                            skip_patients=self.skip_patients, cases=self.cases)
+
+
+@dataclass
+class LoadedCase:
+    """A normalised volume in memory: image (Z, Y, X) float32, labels (Z, Y, X) uint8 or None."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray | None
+    spacing_mm: tuple[float, float, float]
+    modality: str
+
+
+def load_cases(root, source: Source, normalisation: dict, target_spacing_yx=None, *, with_labels=True) -> list[LoadedCase]:
+    spec = normalisation[source.modality]
+    out = []
+    for case in source.select(root):
+        vol = load_volume(case.image, modality=source.modality)
+        image = normalise_intensity(vol.data, spec)
+        labels = None
+        if with_labels:
+            if case.label is None:
+                raise ConsistentSegError(f"{case.name}: no label file, but the config uses it as labeled")
+            labels = map_labels(load_volume(case.label).data, source.label_map)
+        spacing = vol.geometry.spacing_mm
+        image, labels = resample_inplane(image, labels, spacing, target_spacing_yx)
+        if target_spacing_yx:
+            spacing = (spacing[0], *target_spacing_yx)
+        out.append(LoadedCase(case.name, image, labels, tuple(spacing), source.modality))
+    return out
+
+
+class SliceStream:
+    """Random 2D patches from the z slices of in-memory volumes.
+
+    ``slice_mask`` restricts which slices of each volume may be drawn (e.g. only painted slices
+    for fine-tuning). With probability ``foreground_fraction`` a labeled patch is centred on a
+    random foreground pixel, so that small organs are seen often enough.
+    """
+
+    def __init__(self, images: list[np.ndarray], labels: list[np.ndarray | None], patch_size,
+                 *, slice_masks: list[np.ndarray] | None = None, foreground_fraction: float = 0.5,
+                 seed: int = 0):
+        if not images:
+            raise ConsistentSegError("no volumes to sample slices from")
+        self.images, self.labels = images, labels
+        self.patch = tuple(int(p) for p in patch_size)
+        self.fg = foreground_fraction
+        self.rng = np.random.default_rng(seed)
+        self.index = []
+        for v, img in enumerate(images):
+            allowed = np.ones(img.shape[0], bool) if slice_masks is None else slice_masks[v]
+            self.index += [(v, z) for z in np.flatnonzero(allowed)]
+        if not self.index:
+            raise ConsistentSegError("no slices to sample from")
+
+    @classmethod
+    def from_cases(cls, cases: list[LoadedCase], patch_size, *, use_labels=True, **kw) -> "SliceStream":
+        return cls([c.image for c in cases], [c.labels if use_labels else None for c in cases], patch_size, **kw)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _crop_origin(self, shape, labels2d) -> tuple[int, int]:
+        ph, pw = self.patch
+        h, w = shape
+        if labels2d is not None and self.rng.random() < self.fg:
+            fg = np.argwhere(labels2d > 0)
+            if len(fg):
+                cy, cx = fg[self.rng.integers(len(fg))]
+                return (int(np.clip(cy - ph // 2, 0, max(h - ph, 0))), int(np.clip(cx - pw // 2, 0, max(w - pw, 0))))
+        return int(self.rng.integers(max(h - ph, 0) + 1)), int(self.rng.integers(max(w - pw, 0) + 1))
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 1, ph, pw) float32 images and (B, ph, pw) int64 labels (None if unlabeled).
+
+        Slices smaller than the patch are zero-padded (background) at the high end.
+        """
+        ph, pw = self.patch
+        images = np.zeros((batch_size, 1, ph, pw), np.float32)
+        labels = np.zeros((batch_size, ph, pw), np.int64)
+        has_labels = True
+        for b in range(batch_size):
+            v, z = self.index[self.rng.integers(len(self.index))]
+            img = self.images[v][z]
+            lab = self.labels[v][z] if self.labels[v] is not None else None
+            has_labels &= lab is not None
+            y0, x0 = self._crop_origin(img.shape, lab)
+            crop = img[y0:y0 + ph, x0:x0 + pw]
+            images[b, 0, :crop.shape[0], :crop.shape[1]] = crop
+            if lab is not None:
+                lcrop = lab[y0:y0 + ph, x0:x0 + pw]
+                labels[b, :lcrop.shape[0], :lcrop.shape[1]] = lcrop
+        return torch.from_numpy(images), (torch.from_numpy(labels) if has_labels else None)

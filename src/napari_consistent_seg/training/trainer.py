@@ -1,0 +1,305 @@
+"""The training loop shared by the supervised, ICL and EAM methods.
+
+Resumable: every ``checkpoint_every`` iterations the backbone, modules and optimizer go to
+``<run>/state.safetensors`` with the loop's counters in ``<run>/state.json`` (no pickle).
+The best model on val is kept as a stripped model in ``<run>/best`` (backbone + card + modules).
+Runs unchanged under ``torchrun`` (DDP: gloo on CPU, NCCL on CUDA); rank 0 evaluates and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from ..errors import Cancelled
+from ..inference import check_cancel, pick_device, run_slices
+from ..metrics import dice
+from ..models.modules import EAMModule, ICLModules
+from ..models.store import default_colours, save_model
+from ..models.unet import UNet
+from .augment import Augmentation
+from .config import TrainConfig
+from .data import LoadedCase, SliceStream, load_cases
+from .objectives import Objective
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+
+
+def build_networks(cfg: TrainConfig) -> tuple[UNet, torch.nn.Module | None]:
+    backbone = UNet(2, 1, cfg.num_classes, tuple(cfg.channels))
+    kind = {"icl": ICLModules, "eam": EAMModule}.get(cfg.method)
+    modules = kind(cfg.num_classes, backbone.tap_channels, tuple(cfg.heads), 2) if kind else None
+    return backbone, modules
+
+
+def validate(backbone, cases: list[LoadedCase], num_classes: int, device, batch_size: int = 16) -> dict:
+    """Mean 3D Dice per class over ``cases`` (normalised volumes in memory), and per modality.
+
+    Returns {"dice": {class: mean}, "mean": float, "by_modality": {mod: {"dice": ..., "mean": ...}}}.
+    A class absent from both prediction and reference in a case is not scored for that case.
+    """
+    backbone.eval()
+    per_mod: dict[str, list[list[float]]] = {}
+    for case in cases:
+        probs = run_slices(lambda x: backbone(x), case.image, num_classes, device=device, batch_size=batch_size)
+        pred = probs.argmax(0)
+        per_mod.setdefault(case.modality, []).append([dice(pred, case.labels, k) for k in range(1, num_classes)])
+    backbone.train()
+
+    def summary(rows):
+        per_class = np.nanmean(np.array(rows, float), axis=0)
+        return {"dice": {k + 1: float(v) for k, v in enumerate(per_class)}, "mean": float(np.nanmean(per_class))}
+
+    by_mod = {m: summary(rows) for m, rows in per_mod.items()}
+    overall = summary([r for rows in per_mod.values() for r in rows])
+    # selection score: the mean over modalities, so neither modality dominates by case count
+    overall["mean"] = float(np.mean([v["mean"] for v in by_mod.values()]))
+    overall["by_modality"] = by_mod
+    return overall
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    iterations: int
+    best_score: float
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+class Trainer:
+    """Builds data, networks and optimizer from a config; ``fit()`` runs or resumes training."""
+
+    def __init__(self, cfg: TrainConfig, run_dir, *, device=None, resume: bool = False, command: str | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.distributed = dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        if self.distributed and torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            device = f"cuda:{torch.cuda.current_device()}"
+        self.device = pick_device(device)
+        self.command = command or " ".join(sys.argv)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        self.backbone, self.modules = build_networks(cfg)
+        self.objective = Objective(cfg.method, self.backbone, self.modules, cfg.weights, cfg.aligned_classes).to(self.device)
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model = self.objective
+        if self.distributed:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.objective)
+        self.augment = Augmentation.from_dict(cfg.augmentation)
+        self.iteration = 0
+        self.best_score = -1.0
+        self.history: list[dict] = []
+        self.wall_time_s = 0.0
+        if resume and (self.run_dir / STATE_JSON).is_file():
+            self._load_state()
+        self._load_data()
+
+    # ---- data -------------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        seed = cfg.seed + 1000 * self.rank + self.iteration  # fresh draws after a resume
+        norm, target = cfg.normalisation, cfg.target_spacing_mm
+        labeled = [load_cases(cfg.data_root, s, norm, target) for s in cfg.labeled]
+        kw = dict(foreground_fraction=cfg.foreground_fraction)
+        self.labeled_streams = [SliceStream.from_cases(c, cfg.patch_size, seed=seed + i, **kw) for i, c in enumerate(labeled)]
+        self.unlabeled_stream = None
+        if cfg.method == "icl":
+            unl = [c for s in cfg.unlabeled for c in load_cases(cfg.data_root, s, norm, target, with_labels=False)]
+            self.unlabeled_stream = SliceStream.from_cases(unl, cfg.patch_size, use_labels=False, seed=seed + 99)
+        self.val_cases = [c for s in cfg.val for c in load_cases(cfg.data_root, s, norm, target)] if self.rank == 0 else []
+        self.generator = torch.Generator().manual_seed(seed)
+        self.n_labeled_slices = sum(len(s) for s in self.labeled_streams)
+        self.n_unlabeled_slices = len(self.unlabeled_stream) if self.unlabeled_stream else 0
+
+    def _draw(self, stream: SliceStream, batch_size: int, labeled: bool = True):
+        images, labels = stream.sample(batch_size)
+        images, labels = self.augment(images, labels if labeled else None, self.generator)
+        return images.to(self.device), (labels.to(self.device) if labels is not None else None)
+
+    def next_batch(self) -> dict:
+        cfg = self.cfg
+        if cfg.method == "eam":
+            return {"domains": [self._draw(s, cfg.batch_size) for s in self.labeled_streams]}
+        # several labeled sources (a joint baseline) share the batch evenly
+        n = len(self.labeled_streams)
+        sizes = [cfg.batch_size // n + (i < cfg.batch_size % n) for i in range(n)]
+        parts = [self._draw(s, b) for s, b in zip(self.labeled_streams, sizes) if b]
+        batch = {"images": torch.cat([p[0] for p in parts]), "labels": torch.cat([p[1] for p in parts])}
+        if cfg.method == "icl":
+            batch["unlabeled"] = self._draw(self.unlabeled_stream, cfg.unlabeled_batch_size, labeled=False)[0]
+        return batch
+
+    # ---- state ------------------------------------------------------------------------------
+    def _save_state(self) -> None:
+        tensors = {f"objective.{k}": v.detach().cpu().contiguous() for k, v in self.objective.state_dict().items()}
+        opt_tensors, opt_meta = _flatten_optimizer(self.optimizer)
+        tensors.update(opt_tensors)
+        tmp = self.run_dir / (STATE_TENSORS + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.run_dir / STATE_TENSORS)
+        meta = {
+            "iteration": self.iteration, "best_score": self.best_score, "history": self.history,
+            "wall_time_s": self.wall_time_s, "optimizer": opt_meta, "config": self.cfg.to_dict(),
+        }
+        (self.run_dir / STATE_JSON).write_text(json.dumps(meta, indent=1, default=float))
+
+    def _load_state(self) -> None:
+        meta = json.loads((self.run_dir / STATE_JSON).read_text())
+        tensors = load_file(str(self.run_dir / STATE_TENSORS))
+        own = {k[len("objective."):]: v for k, v in tensors.items() if k.startswith("objective.")}
+        self.objective.load_state_dict(own)
+        self.objective.to(self.device)
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        self.iteration = meta["iteration"]
+        self.best_score = meta["best_score"]
+        self.history = meta["history"]
+        self.wall_time_s = meta.get("wall_time_s", 0.0)
+
+    def card(self, scores: dict | None) -> dict:
+        cfg = self.cfg
+        colours = default_colours(cfg.classes)
+        colours.update({str(k): v for k, v in cfg.colours.items()})
+        return {
+            "name": cfg.name,
+            "description": cfg.description,
+            "classes": {str(k): v for k, v in sorted(cfg.classes.items())},
+            "colours": colours,
+            "modalities": cfg.modalities,
+            "normalisation": {m: cfg.normalisation[m] for m in cfg.modalities},
+            "target_spacing_mm": cfg.target_spacing_mm,
+            "patch_size": list(cfg.patch_size),
+            "axes": "slices along z of the canonical (z, y, x) volume (see docs/io.md)",
+            "training": {
+                "method": cfg.method,
+                "iterations": self.iteration,
+                "iterations_planned": cfg.iterations,
+                "wall_time_s": round(self.wall_time_s, 1),
+                "hardware": f"{platform.machine()} {os.cpu_count()} cpu; device {self.device}; world size {self.world}",
+                "torch": torch.__version__,
+                "command": self.command,
+                "data": {
+                    "labeled": [vars(s) for s in cfg.labeled],
+                    "unlabeled": [vars(s) for s in cfg.unlabeled],
+                    "val": [vars(s) for s in cfg.val],
+                    "labeled_slices": self.n_labeled_slices,
+                    "unlabeled_slices": self.n_unlabeled_slices,
+                },
+                "config": cfg.to_dict(),
+            },
+            "val_scores": scores or {},
+        }
+
+    # ---- loop -------------------------------------------------------------------------------
+    def _lr(self) -> float:
+        return self.cfg.lr * (1 - min(self.iteration, self.cfg.iterations - 1) / self.cfg.iterations) ** 0.9
+
+    def fit(self, progress=None, cancel=None) -> TrainResult:
+        """Train until ``cfg.iterations`` (or ``cfg.max_minutes`` of this call, or ``cancel``).
+
+        ``progress(iteration, total, logs)`` is called every iteration on rank 0.
+        """
+        cfg = self.cfg
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
+        stopped_early = False
+        self.objective.train()
+        scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
+        running: dict[str, float] = {}
+        start_wall = time.monotonic()
+        while self.iteration < cfg.iterations:
+            try:
+                check_cancel(cancel)
+            except Cancelled:
+                stopped_early = True
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                stopped_early = True
+                break
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr()
+            batch = self.next_batch()
+            with torch.autocast("cuda", dtype=torch.float16, enabled=scaler is not None):
+                loss, terms = self.model(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(self.optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            self.iteration += 1
+            logs = {"loss": float(loss.detach()), **{k: float(v) for k, v in terms.items()}}
+            for k, v in logs.items():
+                running[k] = 0.98 * running.get(k, v) + 0.02 * v
+            if self.rank == 0 and progress is not None:
+                progress(self.iteration, cfg.iterations, logs)
+            at_val = self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations
+            at_ckpt = self.iteration % cfg.checkpoint_every == 0
+            if at_val or at_ckpt:
+                self.wall_time_s += time.monotonic() - start_wall
+                start_wall = time.monotonic()
+                if self.rank == 0:
+                    if at_val:
+                        self._evaluate_and_keep_best(running)
+                    self._save_state()
+                if self.distributed:
+                    dist.barrier()
+        self.wall_time_s += time.monotonic() - start_wall
+        if self.rank == 0:
+            self._save_state()
+            save_model(self.run_dir / "last", self.backbone, self.card(self.history[-1]["val"] if self.history else None), self.modules)
+        return TrainResult(self.run_dir, self.iteration, self.best_score, self.history, stopped_early)
+
+    def _evaluate_and_keep_best(self, running: dict) -> None:
+        scores = validate(self.backbone, self.val_cases, self.cfg.num_classes, self.device) if self.val_cases else None
+        entry = {"iteration": self.iteration, "wall_time_s": round(self.wall_time_s, 1),
+                 "train": {k: round(v, 5) for k, v in running.items()}, "val": scores}
+        self.history.append(entry)
+        with open(self.run_dir / "history.jsonl", "a") as fh:
+            fh.write(json.dumps(entry, default=float) + "\n")
+        if scores is not None and scores["mean"] > self.best_score:
+            self.best_score = scores["mean"]
+            save_model(self.run_dir / "best", self.backbone, self.card(scores), self.modules)
+
+
+def train(cfg: TrainConfig, run_dir, *, resume=False, device=None, progress=None, cancel=None, command=None) -> TrainResult:
+    """Build a :class:`Trainer` and run it (the Python API behind ``consistent-seg train``)."""
+    return Trainer(cfg, run_dir, device=device, resume=resume, command=command).fit(progress, cancel)

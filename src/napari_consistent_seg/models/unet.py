@@ -36,7 +36,9 @@ class BackboneOutput:
         spatial = self.logits.shape[2:]
         if mode == "bilinear" and len(spatial) == 3:
             mode = "trilinear"
-        up = F.interpolate(maps, size=self.padded_size, mode=mode, align_corners=False)
+        # align_corners is accepted by the linear modes only ("nearest" would raise)
+        align = False if mode in ("linear", "bilinear", "bicubic", "trilinear") else None
+        up = F.interpolate(maps, size=self.padded_size, mode=mode, align_corners=align)
         return up[(slice(None), slice(None)) + tuple(slice(0, n) for n in spatial)]
 
 
@@ -111,7 +113,11 @@ class UNet(nn.Module):
             )
         spatial = tuple(x.shape[2:])
         m = self.stride_multiple
-        padded = tuple(-(-n // m) * m for n in spatial)
+        padded = [-(-n // m) * m for n in spatial]
+        if all(p == m for p in padded):
+            # the deepest level would be one voxel, where instance norm fails: give it two
+            padded[-1] = 2 * m
+        padded = tuple(padded)
         if padded != spatial:
             pad: list[int] = []
             for n, p in zip(reversed(spatial), reversed(padded)):

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ..errors import Cancelled
+from ..errors import Cancelled, ConsistentSegError
 from ..inference import check_cancel, pick_device, run_slices
 from ..metrics import dice
 from ..models.modules import EAMModule, ICLModules
-from ..models.store import default_colours, save_model
+from ..models.store import architecture_of, default_colours, save_model
 from ..models.unet import UNet
 from .augment import Augmentation
 from .config import TrainConfig
@@ -119,7 +119,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model = self.objective
         if self.distributed:
-            self.model = torch.nn.parallel.DistributedDataParallel(self.objective)
+            # ICL's USCL takes given proxies, so its query path (v, out, MLP, hand-over) gets no
+            # gradient; DDP must be told, or it fails on the second iteration.
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.objective, find_unused_parameters=cfg.method == "icl")
         self.augment = Augmentation.from_dict(cfg.augmentation)
         self.iteration = 0
         self.best_score = -1.0
@@ -175,6 +178,7 @@ class Trainer:
         meta = {
             "iteration": self.iteration, "best_score": self.best_score, "history": self.history,
             "wall_time_s": self.wall_time_s, "optimizer": opt_meta, "config": self.cfg.to_dict(),
+            "card": self.card(self.history[-1]["val"] if self.history else None),
         }
         (self.run_dir / STATE_JSON).write_text(json.dumps(meta, indent=1, default=float))
 
@@ -197,6 +201,8 @@ class Trainer:
         return {
             "name": cfg.name,
             "description": cfg.description,
+            "architecture": architecture_of(self.backbone),
+            **({"modules": dict(self.modules.config)} if self.modules is not None else {}),
             "classes": {str(k): v for k, v in sorted(cfg.classes.items())},
             "colours": colours,
             "modalities": cfg.modalities,
@@ -298,6 +304,33 @@ class Trainer:
         if scores is not None and scores["mean"] > self.best_score:
             self.best_score = scores["mean"]
             save_model(self.run_dir / "best", self.backbone, self.card(scores), self.modules)
+
+
+def strip_run(run_dir, out_dir, *, keep_modules: bool = True) -> Path:
+    """Write the stripped model of a run's last checkpoint: backbone (+ modules beside it) and card.
+
+    The optimizer state and the objective wrapper are dropped; the backbone's weights are exactly
+    the training model's backbone weights.
+    """
+    from ..models.modules import build_modules
+    from ..models.store import build_backbone
+
+    run_dir = Path(run_dir)
+    meta_path, tensors_path = run_dir / STATE_JSON, run_dir / STATE_TENSORS
+    if not meta_path.is_file() or not tensors_path.is_file():
+        raise ConsistentSegError(f"{run_dir} is not a training run folder (no {STATE_JSON} / {STATE_TENSORS})")
+    meta = json.loads(meta_path.read_text())
+    card = meta["card"]
+    tensors = load_file(str(tensors_path))
+    backbone = build_backbone(card["architecture"])
+    part = {k[len("objective.backbone."):]: v for k, v in tensors.items() if k.startswith("objective.backbone.")}
+    backbone.load_state_dict(part)
+    modules = None
+    if keep_modules and card.get("modules"):
+        modules = build_modules(card["modules"])
+        modules.load_state_dict({k[len("objective.modules_."):]: v for k, v in tensors.items()
+                                 if k.startswith("objective.modules_.")})
+    return save_model(out_dir, backbone, card, modules)
 
 
 def train(cfg: TrainConfig, run_dir, *, resume=False, device=None, progress=None, cancel=None, command=None) -> TrainResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .attention import ClassQueryAttention, ClassQueryDecoder, DecoderOutput, ScaleOutput
+from .attention import ClassQueryAttention, ClassQueryDecoder, DecoderOutput, ExternalModules, ScaleOutput
 from .eam import EAMModule
 from .icl import ICLModules
 
@@ -21,6 +21,6 @@ def build_modules(config: dict) -> nn.Module:
 
 
 __all__ = [
-    "ClassQueryAttention", "ClassQueryDecoder", "DecoderOutput", "ScaleOutput",
+    "ClassQueryAttention", "ClassQueryDecoder", "DecoderOutput", "ExternalModules", "ScaleOutput",
     "EAMModule", "ICLModules", "MODULE_KINDS", "build_modules",
 ]

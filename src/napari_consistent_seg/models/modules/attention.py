@@ -147,3 +147,28 @@ def resize_maps(maps: torch.Tensor, size) -> torch.Tensor:
     """Resize (B, K, *s) maps to ``size`` with (tri)linear interpolation."""
     mode = "bilinear" if maps.ndim == 4 else "trilinear"
     return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=False)
+
+
+class ExternalModules(nn.Module):
+    """Base of the external modules: K global class queries and the config that rebuilds them.
+
+    Subclasses add their class decoders and set ``kind``; ``attend(features)`` runs the queries
+    over a backbone's decoder taps (what the attention-map viewer shows).
+    """
+
+    kind = ""
+
+    def __init__(self, num_classes: int, tap_channels=(64, 32, 16), heads=(8, 4, 2), spatial_dims: int = 2):
+        super().__init__()
+        self.config = dict(
+            kind=self.kind, num_classes=num_classes, tap_channels=list(tap_channels),
+            heads=list(heads), spatial_dims=spatial_dims,
+        )
+        self.queries = ClassQueries(num_classes, tap_channels[0])
+
+    def new_decoder(self) -> ClassQueryDecoder:
+        c = self.config
+        return ClassQueryDecoder(c["tap_channels"], c["heads"], c["spatial_dims"])
+
+    def attend(self, features) -> DecoderOutput:
+        raise NotImplementedError

@@ -3,24 +3,17 @@ modality's decoder features to give per-modality class representations and atten
 
 from __future__ import annotations
 
-from torch import nn
-
-from .attention import ClassQueries, ClassQueryDecoder, DecoderOutput
+from .attention import DecoderOutput, ExternalModules
 
 
-class EAMModule(nn.Module):
+class EAMModule(ExternalModules):
     """One class-query decoder and one set of K queries for every modality."""
 
     kind = "eam"
 
     def __init__(self, num_classes: int, tap_channels=(64, 32, 16), heads=(8, 4, 2), spatial_dims: int = 2):
-        super().__init__()
-        self.config = dict(
-            kind=self.kind, num_classes=num_classes, tap_channels=list(tap_channels),
-            heads=list(heads), spatial_dims=spatial_dims,
-        )
-        self.queries = ClassQueries(num_classes, tap_channels[0])
-        self.decoder = ClassQueryDecoder(tap_channels, heads, spatial_dims)
+        super().__init__(num_classes, tap_channels, heads, spatial_dims)
+        self.decoder = self.new_decoder()
 
     def attend(self, features) -> DecoderOutput:
         return self.decoder(features, queries=self.queries())

@@ -3,28 +3,18 @@ semantic consistent learner), both class-query decoders over the backbone's deco
 
 from __future__ import annotations
 
-from torch import nn
-
-from .attention import ClassQueries, ClassQueryDecoder, DecoderOutput
+from .attention import DecoderOutput, ExternalModules
 
 
-class ICLModules(nn.Module):
-    """SSPA starts from learnable global class queries; USCL takes SSPA's labeled proxies.
-
-    ``attend`` (SSPA on any features) is what the attention-map viewer shows.
-    """
+class ICLModules(ExternalModules):
+    """SSPA starts from learnable global class queries; USCL takes SSPA's labeled proxies."""
 
     kind = "icl"
 
     def __init__(self, num_classes: int, tap_channels=(64, 32, 16), heads=(8, 4, 2), spatial_dims: int = 2):
-        super().__init__()
-        self.config = dict(
-            kind=self.kind, num_classes=num_classes, tap_channels=list(tap_channels),
-            heads=list(heads), spatial_dims=spatial_dims,
-        )
-        self.queries = ClassQueries(num_classes, tap_channels[0])
-        self.sspa = ClassQueryDecoder(tap_channels, heads, spatial_dims)
-        self.uscl = ClassQueryDecoder(tap_channels, heads, spatial_dims)
+        super().__init__(num_classes, tap_channels, heads, spatial_dims)
+        self.sspa = self.new_decoder()
+        self.uscl = self.new_decoder()
 
     def attend(self, features) -> DecoderOutput:
         return self.sspa(features, queries=self.queries())

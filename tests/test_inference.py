@@ -1,0 +1,152 @@
+"""Whole-volume prediction (2D slice by slice, 3D sliding window) and class-attention maps."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny
+
+from napari_consistent_seg.errors import (
+    Cancelled,
+    ConsistentSegError,
+    ShapeMismatchError,
+)
+from napari_consistent_seg.inference import attention_maps, pick_device, predict_volume
+from napari_consistent_seg.models.store import CARD_FILE, load_model
+
+pytestmark = pytest.mark.usefixtures("user_model_dir")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny random models: 2D MR with ICL modules, 2D CT without modules, 3D MR."""
+    root = tmp_path_factory.mktemp("models")
+    mr = save_tiny(root / "mr", name="tiny-mr")
+    ct = save_tiny(root / "ct", name="tiny-ct", modules=None, modalities=("CT",))
+    vol3d = save_tiny(root / "3d", name="tiny-3d", spatial_dims=3, modules=None, patch_size=(16, 32, 32))
+    return {"mr": load_model(mr), "ct": load_model(ct), "3d": load_model(vol3d), "mr_path": mr}
+
+
+def _volume(shape, seed=0):
+    return np.random.default_rng(seed).normal(500, 100, shape).astype(np.float32)
+
+
+def test_pick_device_is_cpu_here():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert pick_device() == torch.device("cpu")
+    assert pick_device("auto").type in ("cpu", "mps")
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_predict_2d_labels_on_the_input_grid_and_probabilities_sum_to_one(models):
+    data = _volume((5, 61, 47))
+    calls = []
+    pred = predict_volume(models["mr"], data, modality="MR", batch_size=2, return_probabilities=True,
+                          progress=lambda done, total: calls.append((done, total)))
+    assert pred.labels.shape == (5, 61, 47) and pred.labels.dtype == np.uint8
+    assert pred.probabilities.shape == (4, 5, 61, 47)
+    assert np.allclose(pred.probabilities.sum(0), 1.0, atol=1e-5)
+    assert np.array_equal(pred.labels, pred.probabilities.argmax(0))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    assert pred.modality == "MR" and pred.warnings == []
+    # a single (Y, X) image gives (Y, X) labels
+    single = predict_volume(models["mr"], data[0], modality="MR", return_probabilities=True)
+    assert single.labels.shape == (61, 47) and single.probabilities.shape == (4, 61, 47)
+    one_slice = predict_volume(models["mr"], data[:1], modality="MR", return_probabilities=True)
+    assert np.allclose(single.probabilities, one_slice.probabilities[:, 0], atol=1e-6)
+
+
+def test_predict_2d_resamples_to_the_training_spacing_and_back(tmp_path):
+    folder = save_tiny(tmp_path / "spaced")
+    card = json.loads((folder / CARD_FILE).read_text())
+    card["target_spacing_mm"] = [1.0, 1.0]
+    (folder / CARD_FILE).write_text(json.dumps(card))
+    model = load_model(folder)
+    data = _volume((3, 40, 30))
+    pred = predict_volume(model, data, spacing_mm=(5.0, 0.7, 1.6), modality="MR", return_probabilities=True)
+    assert pred.labels.shape == (3, 40, 30)
+    assert np.allclose(pred.probabilities.sum(0), 1.0, atol=1e-5)
+    plain = predict_volume(model, data, modality="MR", return_probabilities=True)
+    assert not np.allclose(plain.probabilities, pred.probabilities)  # it did resample
+
+
+def test_predict_3d_sliding_window_labels_on_the_input_grid(models):
+    data = _volume((13, 30, 21))
+    calls = []
+    pred = predict_volume(models["3d"], data, modality="MR", return_probabilities=True,
+                          progress=lambda done, total: calls.append(done))
+    assert pred.labels.shape == (13, 30, 21)
+    assert pred.probabilities.shape == (4, 13, 30, 21)
+    assert np.allclose(pred.probabilities.sum(0), 1.0, atol=1e-4)
+    assert calls and calls == sorted(calls)
+    big = predict_volume(models["3d"], _volume((20, 70, 40)), modality="MR")  # several windows
+    assert big.labels.shape == (20, 70, 40)
+
+
+@pytest.mark.parametrize("which", ["mr", "3d"])
+def test_cancel_raises_cancelled(models, which):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        predict_volume(models[which], _volume((4, 32, 32)), modality="MR", cancel=stop)
+    done = []
+
+    def cancel_after_first():
+        return bool(done)
+
+    with pytest.raises(Cancelled):
+        predict_volume(models["mr"], _volume((6, 32, 32)), modality="MR", batch_size=2,
+                       progress=lambda d, t: done.append(d), cancel=cancel_after_first)
+    assert done == [2]
+
+
+def test_warnings_for_nan_voxels_and_modality_mismatch(models):
+    data = _volume((2, 32, 32))
+    data[0, 3, 4] = np.nan
+    pred = predict_volume(models["mr"], data, modality="MR")
+    assert any("NaN" in w for w in pred.warnings)
+    assert pred.labels.shape == (2, 32, 32)
+    ct_on_mr = predict_volume(models["ct"], _volume((2, 32, 32)), modality="MR")
+    assert any("trained on CT, not MR" in w for w in ct_on_mr.warnings)
+    unknown = predict_volume(models["mr"], _volume((2, 32, 32)))
+    assert any("modality unknown" in w for w in unknown.warnings)
+
+
+def test_bad_arrays_are_refused_with_a_clear_error(models):
+    with pytest.raises(ShapeMismatchError, match="expected a"):
+        predict_volume(models["mr"], np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(ShapeMismatchError, match="empty"):
+        predict_volume(models["mr"], np.zeros((0, 8, 8), np.float32))
+    with pytest.raises(ConsistentSegError, match="not numbers"):
+        predict_volume(models["mr"], np.full((1, 8, 8), "a"))
+
+
+def test_attention_maps_shape_and_head_scale_selection(models):
+    data = _volume((3, 61, 47))
+    calls = []
+    maps = attention_maps(models["mr"], data, modality="MR", progress=lambda d, t: calls.append(d))
+    assert maps.shape == (4, 3, 61, 47) and maps.dtype == np.float32
+    assert calls and calls[-1] == 3
+    assert (maps >= 0).all()
+    head0 = attention_maps(models["mr"], data, modality="MR", head=0)
+    head1 = attention_maps(models["mr"], data, modality="MR", head=1)
+    assert not np.allclose(head0, head1)
+    assert np.allclose((head0 + head1) / 2, maps, atol=1e-4)  # None averages the heads
+    fine = attention_maps(models["mr"], data, modality="MR", scale=2)
+    assert fine.shape == maps.shape and not np.allclose(fine, maps)
+    assert attention_maps(models["mr"], data[1], modality="MR").shape == (4, 61, 47)
+    with pytest.raises(ValueError, match="scale must be"):
+        attention_maps(models["mr"], data, scale=3)
+    with pytest.raises(ValueError, match="heads 0..1"):
+        attention_maps(models["mr"], data, head=2)
+
+
+def test_attention_maps_need_modules_and_a_2d_model(models):
+    with pytest.raises(ConsistentSegError, match="no external modules"):
+        attention_maps(models["ct"], _volume((1, 16, 16)))
+    without = load_model(models["mr_path"], with_modules=False)
+    with pytest.raises(ConsistentSegError, match="no external modules"):
+        attention_maps(without, _volume((1, 16, 16)))

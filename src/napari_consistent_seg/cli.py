@@ -1,0 +1,270 @@
+"""The ``consistent-seg`` command line: train, predict, evaluate, strip, info, list, demo.
+
+Stable contract (scripts rely on it):
+``consistent-seg predict --model NAME_OR_PATH -o OUTDIR INPUT...`` writes ``OUTDIR/<input name>.nii.gz``
+(labels 0..K on the input's grid and affine), and ``consistent-seg info NAME_OR_PATH --json`` prints
+the model card, whose ``classes`` maps each label value to its name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConsistentSegError
+
+
+def _progress_bar(total: int, desc: str, unit: str = "it"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+
+
+# ---- train ----------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    import torch
+
+    from .training.config import load_config
+    from .training.trainer import Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {"method": args.method, "iterations": args.iterations, "max_minutes": args.max_minutes,
+                 "seed": args.seed}
+    cfg = load_config(args.config, overrides)
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    command = "consistent-seg " + " ".join(sys.argv[1:])
+    trainer = Trainer(cfg, run_dir, device=args.device, resume=args.resume, command=command)
+    if trainer.rank == 0:
+        print(f"{cfg.method} training of {cfg.name}: {trainer.n_labeled_slices} labeled / "
+              f"{trainer.n_unlabeled_slices} unlabeled slices, from iteration {trainer.iteration} "
+              f"to {cfg.iterations}, on {trainer.device}; run folder {run_dir}", file=sys.stderr)
+    bar = _progress_bar(cfg.iterations, cfg.name) if trainer.rank == 0 else None
+    if bar is not None:
+        bar.update(trainer.iteration)
+
+    def progress(i, total, logs):
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()}, refresh=False)
+
+    result = trainer.fit(progress=progress if bar is not None else None)
+    if bar is not None:
+        bar.close()
+        print(f"stopped at iteration {result.iterations} ({'early' if result.stopped_early else 'done'}); "
+              f"best val mean Dice {result.best_score:.4f}; best model in {run_dir / 'best'}")
+    return 0
+
+
+# ---- predict --------------------------------------------------------------------------------
+def _nifti_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """NIfTI files and DICOM folders as given; a folder of NIfTI files becomes its files."""
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise ConsistentSegError(f"input {path} does not exist")
+        niftis = sorted(p for p in path.glob("*.nii*") if p.is_file()) if path.is_dir() else []
+        out.extend(niftis or [path])
+    return out
+
+
+def cmd_predict(args) -> int:
+    from .inference import predict_volume
+    from .io import load_volume, save_nifti
+    from .models.store import load_model
+
+    model = load_model(args.model, with_modules=False)
+    outdir = Path(args.output)
+    outdir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in expand_inputs(args.inputs):
+        try:
+            volume = load_volume(path, modality=args.modality)
+        except ConsistentSegError as exc:
+            print(f"skipped {path}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        for warning in volume.meta.get("warnings", []):
+            print(f"warning: {path.name}: {warning}", file=sys.stderr)
+        bar = _progress_bar(volume.shape[0], path.name, unit="slice")
+
+        def progress(done, total, bar=bar):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        pred = predict_volume(model, volume.data, spacing_mm=volume.spacing_mm, modality=volume.modality,
+                              device=args.device, progress=progress)
+        bar.close()
+        for warning in pred.warnings:
+            print(f"warning: {path.name}: {warning}", file=sys.stderr)
+        target = outdir / f"{_nifti_stem(path)}.nii.gz"
+        save_nifti(pred.labels, volume.geometry, target, is_label=True)
+        voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
+        volumes = {name: round(float((pred.labels == k).sum()) * voxel_ml, 1)
+                   for k, name in model.classes.items() if k > 0}
+        print(f"{target}\t" + "\t".join(f"{n}={v} ml" for n, v in volumes.items()))
+    return 1 if failures else 0
+
+
+# ---- evaluate -------------------------------------------------------------------------------
+def cmd_evaluate(args) -> int:
+    from .io import load_volume
+    from .metrics import evaluate_labels, format_table, summarise, write_csv
+
+    preds = expand_inputs(args.predictions)
+    ref_dir = Path(args.references)
+    classes = None
+    if args.model:
+        from .models.store import read_card
+
+        classes = {int(k): v for k, v in read_card(args.model)["classes"].items() if int(k) > 0}
+    per_case, rows = {}, []
+    for pred_path in preds:
+        ref_path = ref_dir / pred_path.name if ref_dir.is_dir() else ref_dir
+        if not ref_path.exists():
+            print(f"skipped {pred_path.name}: no reference {ref_path}", file=sys.stderr)
+            continue
+        pred, ref = load_volume(pred_path), load_volume(ref_path)
+        found = set(np.unique(ref.data).tolist()) | set(np.unique(pred.data).tolist())
+        case_classes = classes or {int(k): f"label {int(k)}" for k in sorted(found) if k > 0}
+        case_rows = evaluate_labels(pred.data, ref.data, case_classes, ref.spacing_mm)
+        per_case[_nifti_stem(pred_path)] = case_rows
+        rows += [{"case": _nifti_stem(pred_path), **r} for r in case_rows]
+    if not per_case:
+        raise ConsistentSegError("no prediction had a matching reference: name them alike")
+    summary = summarise(per_case)
+    print(format_table(summary["per_class"] + [summary["mean"]]))
+    if args.csv:
+        write_csv(rows, args.csv)
+        print(f"per-case rows written to {args.csv}")
+    return 0
+
+
+# ---- strip / info / list --------------------------------------------------------------------
+def cmd_strip(args) -> int:
+    from .training.trainer import strip_run
+
+    folder = strip_run(args.run, args.output, keep_modules=not args.no_modules)
+    print(f"stripped model written to {folder}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .models.store import read_card, resolve_model_path
+
+    card = read_card(args.model)
+    if args.json:
+        print(json.dumps(card, indent=2))
+        return 0
+    training = card.get("training", {})
+    print(f"{card['name']}  ({resolve_model_path(args.model)})")
+    if card.get("description"):
+        print(f"  {card['description']}")
+    print(f"  modalities: {', '.join(card['modalities'])}; patch {card['patch_size']}; "
+          f"target spacing {card.get('target_spacing_mm')} mm")
+    print("  classes: " + ", ".join(f"{k}={v}" for k, v in card["classes"].items()))
+    if training:
+        print(f"  trained: {training.get('method')} for {training.get('iterations')} iterations, "
+              f"{training.get('wall_time_s')} s on {training.get('hardware')}")
+    scores = card.get("val_scores") or {}
+    if scores.get("mean") is not None:
+        print(f"  val mean Dice: {100 * scores['mean']:.1f} %")
+    print(f"  external modules: {'yes (' + card['modules']['kind'] + ')' if card.get('modules') else 'no'}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .models.store import list_models
+
+    for m in list_models():
+        print(f"{m['name']:28s} {m['source']:8s} {'/'.join(m['modalities']):6s} {m['path']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.inputs, output=Path(args.output), device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="consistent-seg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config (supervised | icl | eam)")
+    p.add_argument("config", help="YAML training config (see configs/)")
+    p.add_argument("--method", choices=["supervised", "icl", "eam"], help="override the config's method")
+    p.add_argument("--run-dir", help="where checkpoints go (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--iterations", type=int, help="override the planned number of iterations")
+    p.add_argument("--max-minutes", type=float, help="stop (resumably) after this many minutes")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment NIfTI files, DICOM folders or folders of NIfTI files")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--model", "-m", required=True, help="shipped/user model name, or a model folder")
+    p.add_argument("--output", "-o", required=True, help="folder for <input name>.nii.gz label files")
+    p.add_argument("--modality", choices=["CT", "MR"], help="override the modality read from the file")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, HD95 and ASD (mm) of predictions against references")
+    p.add_argument("predictions", nargs="+", help="label files or folders")
+    p.add_argument("--references", "-r", required=True, help="folder of reference label files (same names)")
+    p.add_argument("--model", help="take class names from this model's card")
+    p.add_argument("--csv", help="write per-case, per-class rows here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("strip", help="stripped model (backbone + card, modules beside) from a training run")
+    p.add_argument("run", help="training run folder (holds state.safetensors)")
+    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--no-modules", action="store_true", help="do not keep the external modules")
+    p.set_defaults(func=cmd_strip)
+
+    p = sub.add_parser("info", help="show a model card")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print the card as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("list", help="list shipped and user models")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("demo", help="segment a bundled default (or the given inputs) and report")
+    p.add_argument("inputs", nargs="*")
+    p.add_argument("--output", "-o", default="out/demo")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConsistentSegError as exc:
+        print(f"consistent-seg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("consistent-seg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The shipped models load offline, have valid cards, and segment a real val case above a floor.
+
+The floors guard against regressions (a broken loader, normalisation or orientation drops Dice to
+near zero); they sit well below the val scores in docs/benchmarks.md, not at them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_consistent_seg.inference import predict_volume
+from napari_consistent_seg.io import load_volume
+from napari_consistent_seg.metrics import dice
+from napari_consistent_seg.models.store import SHIPPED_DIR, list_models, load_model, validate_card
+from napari_consistent_seg.training.data import map_labels
+
+# (model, data set, val case, modality, mean-Dice floor over the model's classes)
+CASES = [
+    ("cardiac-cine-mri", "acdc", "patient028_frame01", "MR", 0.50),
+    ("abdomen-ct-mri", "btcv_ct", "case_14", "CT", 0.50),
+    ("abdomen-ct-mri", "chaos_t2", "case_31", "MR", 0.50),
+]
+SHIPPED = ["cardiac-cine-mri", "abdomen-ct-mri"]
+MAX_TOTAL_MB = 30
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_loads_offline_with_a_valid_card(name):
+    model = load_model(name)  # by name, from the package: no network
+    card = validate_card(json.loads((SHIPPED_DIR / name / "card.json").read_text()))
+    assert model.modules is not None, "the external modules ship beside the backbone"
+    for key in ("val_scores", "training", "normalisation", "colours"):
+        assert card[key], key
+    training = card["training"]
+    for key in ("command", "config", "hardware", "wall_time_s", "iterations"):
+        assert training.get(key) not in (None, ""), key
+    assert name in {m["name"] for m in list_models() if m["source"] == "shipped"}
+
+
+def test_shipped_weights_stay_small():
+    total = sum(p.stat().st_size for p in SHIPPED_DIR.glob("*/*.safetensors"))
+    assert total < MAX_TOTAL_MB * 1e6, f"shipped weights are {total / 1e6:.1f} MB"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,dataset,case,modality,floor", CASES)
+def test_shipped_model_segments_a_real_val_case(shared_data, name, dataset, case, modality, floor):
+    model = load_model(name, with_modules=False)
+    volume = load_volume(shared_data / dataset / "images" / f"{case}.nii.gz")
+    val_sources = model.card["training"]["data"]["val"]
+    label_map = next(s.get("label_map") for s in val_sources if s["dataset"] == dataset)
+    reference = map_labels(load_volume(shared_data / dataset / "labels" / f"{case}.nii.gz").data, label_map)
+    pred = predict_volume(model, volume.data, spacing_mm=volume.spacing_mm, modality=modality)
+    assert pred.labels.shape == volume.shape
+    scores = [dice(pred.labels, reference, k) for k in model.classes if k > 0]
+    assert np.nanmean(scores) > floor, f"{name} on {dataset}/{case}: Dice per class {np.round(scores, 3)}"

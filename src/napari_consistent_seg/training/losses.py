@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 
-# Dice over all K classes, background included (as the reference); CE and Dice weighted equally.
-_dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)
-_soft_dice = DiceLoss(softmax=True, include_background=True)
+# Dice over all K classes, background included, computed over the whole batch as the reference
+# does: a per-sample Dice punishes every crop in which a small class is absent, and the network
+# then learns to never predict it. CE and Dice weighted equally.
+_dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True, batch=True)
+_soft_dice = DiceLoss(softmax=True, include_background=True, batch=True)
 
 
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,7 @@ class Trainer:
             device = f"cuda:{torch.cuda.current_device()}"
         self.device = pick_device(device)
         self.command = command or " ".join(sys.argv)
+        self.commands = [self.command]  # every invocation that contributed, resumes included
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.backbone, self.modules = build_networks(cfg)
         self.objective = Objective(cfg.method, self.backbone, self.modules, cfg.weights, cfg.aligned_classes).to(self.device)
@@ -178,6 +179,7 @@ class Trainer:
         meta = {
             "iteration": self.iteration, "best_score": self.best_score, "history": self.history,
             "wall_time_s": self.wall_time_s, "optimizer": opt_meta, "config": self.cfg.to_dict(),
+            "commands": self.commands,
             "card": self.card(self.history[-1]["val"] if self.history else None),
         }
         (self.run_dir / STATE_JSON).write_text(json.dumps(meta, indent=1, default=float))
@@ -193,6 +195,7 @@ class Trainer:
         self.best_score = meta["best_score"]
         self.history = meta["history"]
         self.wall_time_s = meta.get("wall_time_s", 0.0)
+        self.commands = meta.get("commands", []) + [f"{self.command}  # resumed at iteration {self.iteration}"]
 
     def card(self, scores: dict | None) -> dict:
         cfg = self.cfg
@@ -217,7 +220,8 @@ class Trainer:
                 "wall_time_s": round(self.wall_time_s, 1),
                 "hardware": f"{platform.machine()} {os.cpu_count()} cpu; device {self.device}; world size {self.world}",
                 "torch": torch.__version__,
-                "command": self.command,
+                "command": self.commands[0],
+                "commands": self.commands,
                 "data": {
                     "labeled": [vars(s) for s in cfg.labeled],
                     "unlabeled": [vars(s) for s in cfg.unlabeled],

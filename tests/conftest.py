@@ -21,7 +21,7 @@ def shared_data() -> Path:
 # ---- tiny models and a tiny synthetic data folder for the core tests (models, training, inference, CLI)
 
 TINY_CHANNELS = (4, 8, 16, 32, 64)
-TINY_CHANNELS_3D = (4, 8, 16, 32)
+TINY_CHANNELS_3D = (4, 8, 16, 32, 64)
 TINY_HEADS = (2, 2, 2)
 TOY_CLASSES = {1: "disk", 2: "ring", 3: "square"}
 TOY_COLOURS = {1: "#ff0000", 2: "#00ff00", 3: "#0000ff"}

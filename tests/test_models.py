@@ -96,7 +96,7 @@ def test_backbone_rejects_bad_shapes_and_settings():
         UNet(2, 1, 3, TINY_CHANNELS)(torch.zeros(1, 1, 8, 8, 8))
     with pytest.raises(ValueError, match="spatial_dims"):
         UNet(4)
-    with pytest.raises(ValueError, match="4 channel levels"):
+    with pytest.raises(ValueError, match="5 channel levels"):
         UNet(2, 1, 3, (4, 8, 16))
 
 
@@ -241,9 +241,9 @@ def _module_counts(channels, dims):
 
 
 def test_parameter_counts_of_the_default_settings(capsys):
-    """Printed for the report: default 2D U-Net (16..256), 3D U-Net (16..128), heads (8, 4, 2), K = 4."""
+    """Printed for the report: default 2D U-Net (16..256), 3D U-Net (8..128), heads (8, 4, 2), K = 4."""
     counts_2d, bb_2d = _module_counts((16, 32, 64, 128, 256), 2)
-    counts_3d, bb_3d = _module_counts((16, 32, 64, 128), 3)
+    counts_3d, bb_3d = _module_counts((8, 16, 32, 64, 128), 3)
     with capsys.disabled():
         print(f"\n2D backbone {bb_2d:,}; ICL modules {counts_2d['icl']:,}; EAM module {counts_2d['eam']:,}")
         print(f"3D backbone {bb_3d:,}; ICL modules {counts_3d['icl']:,}; EAM module {counts_3d['eam']:,}")

@@ -87,6 +87,7 @@ def architecture_of(backbone: UNet) -> dict:
     return dict(
         name="unet", spatial_dims=backbone.spatial_dims, in_channels=backbone.in_channels,
         out_channels=backbone.out_channels, channels=list(backbone.channels),
+        num_res_units=backbone.num_res_units,
     )
 
 

@@ -1,8 +1,8 @@
-"""The segmentation backbone: a small 2D/3D U-Net with decoder taps for external modules.
+"""The segmentation backbone: MONAI's 2D/3D U-Net with decoder taps for external modules.
 
-Built from MONAI's dynamic U-Net blocks with instance normalisation, so one network serves
-any batch size and both CT and MRI without a modality flag. Any input size works: the input
-is padded inside ``forward`` to a multiple of the total stride and the logits are cropped back.
+Instance normalisation, so one network serves any batch size and both CT and MRI without a
+modality flag. Any input size works: the input is padded inside ``forward`` to a multiple of the
+total stride and the logits are cropped back.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, UnetUpBlock
+from monai.networks.layers.simplelayers import SkipConnection
+from monai.networks.nets import UNet as MonaiUNet
 from torch import nn
 
 #: Decoder taps handed to external modules, deepest first: strides 8, 4 and 2.
@@ -43,10 +44,11 @@ class BackboneOutput:
 
 
 class UNet(nn.Module):
-    """U-Net, 2D or 3D, instance norm, leaky ReLU; ``len(channels)`` stride-2 downsamplings.
+    """MONAI's ``UNet`` (residual units, instance norm, PReLU) with decoder taps, any input size.
 
     ``forward(x)`` returns logits (B, out_channels, *spatial); ``forward(x, return_features=True)``
-    returns a :class:`BackboneOutput` whose features are the decoder outputs at strides 8, 4, 2.
+    returns a :class:`BackboneOutput` whose features are the up-path outputs at strides 8, 4, 2.
+    The input is padded at the high end to a multiple of the total stride and the logits cropped back.
     """
 
     def __init__(
@@ -55,62 +57,31 @@ class UNet(nn.Module):
         in_channels: int = 1,
         out_channels: int = 4,
         channels: tuple[int, ...] = (16, 32, 64, 128, 256),
+        num_res_units: int = 2,
         dropout: float = 0.0,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if len(channels) < 4:
-            raise ValueError("need at least 4 channel levels so that strides 8, 4, 2 exist")
+        if len(channels) < 5:
+            raise ValueError("need at least 5 channel levels so that up-path taps at strides 8, 4, 2 exist")
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.channels = tuple(channels)
-        # level i runs at stride 2**(i+1): the stem already halves the grid, as in MONAI's UNet,
-        # because full-resolution convolutions cost most of the time on a CPU.
-        self.stride_multiple = 2 ** len(channels)
-        norm = "instance"
-        drop = dropout if dropout > 0 else None
-
-        def block(cin: int, cout: int, stride: int) -> nn.Module:
-            return UnetBasicBlock(spatial_dims, cin, cout, kernel_size=3, stride=stride, norm_name=norm)
-
-        self.encoder = nn.ModuleList(
-            [block(in_channels, channels[0], 2)]
-            + [block(channels[i - 1], channels[i], 2) for i in range(1, len(channels))]
+        self.num_res_units = num_res_units
+        self.stride_multiple = 2 ** (len(channels) - 1)
+        self.net = MonaiUNet(
+            spatial_dims, in_channels, out_channels, self.channels, strides=(2,) * (len(channels) - 1),
+            num_res_units=num_res_units, norm="instance", dropout=dropout,
         )
-        # decoder[i] goes from level i+1 up to level i
-        self.decoder = nn.ModuleList(
-            [
-                UnetUpBlock(
-                    spatial_dims, channels[i + 1], channels[i], kernel_size=3, stride=1,
-                    upsample_kernel_size=2, norm_name=norm, dropout=drop,
-                )
-                for i in range(len(channels) - 1)
-            ]
-        )
-        # back to full resolution with the raw input as the only skip: keeps edges, costs little
-        full = max(channels[0] // 2, 8)
-        self.final_up = UnetUpBlock(
-            spatial_dims, channels[0], full, kernel_size=3, stride=1, upsample_kernel_size=2,
-            norm_name=norm,
-        )
-        self.final_up.conv_block = UnetBasicBlock(
-            spatial_dims, full + in_channels, full, kernel_size=3, stride=1, norm_name=norm
-        )
-        self.head = UnetOutBlock(spatial_dims, full, out_channels)
 
     @property
     def tap_channels(self) -> tuple[int, int, int]:
         """Channels of the decoder taps at strides 8, 4, 2 (deepest first)."""
         return (self.channels[2], self.channels[1], self.channels[0])
 
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        if x.ndim != self.spatial_dims + 2:
-            raise ValueError(
-                f"expected a (B, C, {'H, W' if self.spatial_dims == 2 else 'D, H, W'}) tensor, "
-                f"got shape {tuple(x.shape)}"
-            )
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         spatial = tuple(x.shape[2:])
         m = self.stride_multiple
         padded = [-(-n // m) * m for n in spatial]
@@ -123,21 +94,38 @@ class UNet(nn.Module):
             for n, p in zip(reversed(spatial), reversed(padded)):
                 pad += [0, p - n]
             x = F.pad(x, pad)
-        skips = []
-        h = x
-        for enc in self.encoder:
-            h = enc(h)
-            skips.append(h)
-        taps: dict[int, torch.Tensor] = {}
-        h = skips[-1]
-        for level in range(len(self.decoder) - 1, -1, -1):
-            h = self.decoder[level](h, skips[level])
-            taps[2 ** (level + 1)] = h
-        logits = self.head(self.final_up(h, x))
-        logits = logits[(slice(None), slice(None)) + tuple(slice(0, n) for n in spatial)]
+        return x, padded
+
+    @staticmethod
+    def _run_level(level: nn.Sequential, x: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
+        """MONAI nests each level as Sequential(down, SkipConnection(deeper), up); walk it and keep
+        every up output (taps[d] is at stride 2**d)."""
+        down, skip, up = level
+        h = down(x)
+        deeper = skip.submodule
+        inner = UNet._run_level(deeper, h, taps) if _is_level(deeper) else deeper(h)
+        out = up(torch.cat([h, inner], dim=1))  # SkipConnection(mode="cat") order: input first
+        taps.insert(0, out)
+        return out
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"expected a (B, C, {'H, W' if self.spatial_dims == 2 else 'D, H, W'}) tensor, "
+                f"got shape {tuple(x.shape)}"
+            )
+        spatial = tuple(x.shape[2:])
+        x, padded = self._pad(x)
+        crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in spatial)
         if not return_features:
-            return logits
-        return BackboneOutput(logits, [taps[s] for s in TAP_STRIDES], padded)
+            return self.net(x)[crop]
+        taps: list[torch.Tensor] = []
+        logits = self._run_level(self.net.model, x, taps)
+        return BackboneOutput(logits[crop], [taps[s.bit_length() - 1] for s in TAP_STRIDES], padded)
+
+
+def _is_level(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and len(module) == 3 and isinstance(module[1], SkipConnection)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -51,6 +51,111 @@ def loaded_scan(case: str = "case_31") -> Path:
 SCREENSHOTS = {"loaded_scan": loaded_scan}
 
 
+# ---- the four widgets in use (acdc val case, shipped cardiac model) ----
+
+ACDC_CASE = "patient028_frame01"
+CARDIAC_MODEL = "cardiac-cine-mri"
+
+
+def _acdc_viewer(case: str = ACDC_CASE):
+    """A viewer with an acdc val scan and its reference labels (hidden), mid-heart slice shown."""
+    viewer = _new_viewer()
+    (image,) = viewer.open(str(SHARED_DATA / "acdc" / "images" / f"{case}.nii.gz"), plugin=PLUGIN)
+    (reference,) = viewer.open(str(SHARED_DATA / "acdc" / "labels" / f"{case}.nii.gz"), plugin=PLUGIN)
+    reference.name, reference.visible = "reference", False
+    heart = np.nonzero(reference.data.any(axis=(1, 2)))[0]
+    viewer.dims.set_point(0, round(heart.mean()) * image.scale[0])
+    viewer.reset_view()
+    return viewer, image, reference
+
+
+def _dock(viewer, title: str, model: str | None = CARDIAC_MODEL):
+    from napari_consistent_seg.models.store import list_models
+
+    if model and model not in {m["name"] for m in list_models()}:
+        raise SystemExit(f"model {model!r} is not installed yet: train it first (see docs/training.md)")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, title)
+    if model:
+        widget.inputs.model.select(model)
+        widget.inputs.modality.setCurrentText("MR")  # acdc lost its DICOM tags: say it is MRI
+    return widget
+
+
+def _wait(widget) -> None:
+    import time
+
+    while widget.runner.running:
+        QApplication.processEvents()
+        time.sleep(0.01)
+    QApplication.processEvents()
+
+
+def _segment(viewer, image):
+    widget = _dock(viewer, "Segment")
+    widget.inputs.image.set_layer(image)
+    widget.run()
+    _wait(widget)
+    return widget
+
+
+def segment_widget() -> Path:
+    """Segment docked: the cardiac model's result over the scan, with class colours."""
+    viewer, image, _ = _acdc_viewer()
+    _segment(viewer, image).last_layers[0].opacity = 0.5
+    return _save(viewer, "widget-segment.png")
+
+
+def finetune_widget() -> Path:
+    """Fine-tune docked after 20 steps on two painted slices, the accepted result shown."""
+    viewer, image, reference = _acdc_viewer()
+    heart = np.nonzero(reference.data.any(axis=(1, 2)))[0]
+    slices = heart[[len(heart) // 3, 2 * len(heart) // 3]]
+    painted = np.zeros_like(reference.data)
+    painted[slices] = reference.data[slices]
+    painted_layer = viewer.add_labels(painted, name=f"{image.name} painted", scale=image.scale,
+                                      metadata=dict(reference.metadata))
+    widget = _dock(viewer, "Fine-tune (ICL)")
+    widget.inputs.image.set_layer(image)
+    widget.painted.set_layer(painted_layer)
+    widget.steps.setValue(20)
+    widget.preview_every.setValue(10)
+    widget.run()
+    _wait(widget)
+    widget.accept()
+    _wait(widget)
+    for layer in viewer.layers:
+        layer.visible = layer.name in (image.name, widget.result_layer.name)
+    widget.result_layer.opacity = 0.5
+    widget.save_name.setText("cardiac-patient028")
+    return _save(viewer, "widget-finetune.png")
+
+
+def attention_widget() -> Path:
+    """Class-attention maps of the cardiac model (deepest scale, heads averaged) over the scan."""
+    viewer, image, _ = _acdc_viewer()
+    widget = _dock(viewer, "Class-attention maps")
+    widget.inputs.image.set_layer(image)
+    widget.run()
+    _wait(widget)
+    return _save(viewer, "widget-attention.png")
+
+
+def evaluate_widget() -> Path:
+    """Evaluate docked: the cardiac model's segmentation scored against the reference labels."""
+    viewer, image, reference = _acdc_viewer()
+    segmentation = _segment(viewer, image).last_layers[0]
+    widget = _dock(viewer, "Evaluate", model=None)
+    widget.prediction.set_layer(segmentation)
+    widget.reference.set_layer(reference)
+    widget.run()
+    _wait(widget)
+    return _save(viewer, "widget-evaluate.png")
+
+
+SCREENSHOTS.update(segment_widget=segment_widget, finetune_widget=finetune_widget,
+                   attention_widget=attention_widget, evaluate_widget=evaluate_widget)
+
+
 def main(names: list[str]) -> None:
     IMAGES_DIR.mkdir(parents=True, exist_ok=True)
     for name in names or SCREENSHOTS:

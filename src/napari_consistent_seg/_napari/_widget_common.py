@@ -6,15 +6,14 @@ No maths here and no state outside the widget instances that own these pieces.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.colormaps import Colormap, DirectLabelColormap
-from qtpy.QtCore import Signal
-from qtpy.QtWidgets import (
-    QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget,
-)
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
 
 from ..errors import ConsistentSegError
 from ..io import Volume
@@ -54,6 +53,13 @@ def volume_of(layer) -> Volume:
     return volume_from_layer(layer)
 
 
+def current_slice(viewer, layer) -> int:
+    """Index along z (the layer's first axis) of the slice the viewer shows, clipped to the layer."""
+    z_world = viewer.dims.point[-3] if len(viewer.dims.point) >= 3 else 0.0
+    z = round((z_world - layer.translate[-3]) / layer.scale[-3])
+    return int(np.clip(z, 0, layer.data.shape[-3] - 1))
+
+
 def grid_kwargs(layer) -> dict:
     """Layer keyword arguments that put a new layer on ``layer``'s grid: scale, translate, our metadata."""
     ours = dict((layer.metadata or {}).get(METADATA_KEY, {}))
@@ -76,13 +82,12 @@ def intensity_colormap(colour: str, name: str) -> Colormap:
     return Colormap(colors=[[0.0, 0.0, 0.0, 0.0], [*rgb, 1.0]], name=name)
 
 
-def labels_layer_data(labels: np.ndarray, like, classes: dict[int, str], colours: dict[int, str],
+def labels_layer_data(labels: np.ndarray, grid: dict, classes: dict[int, str], colours: dict[int, str],
                       name: str, extra_metadata: dict | None = None) -> tuple[np.ndarray, dict]:
-    """(data, kwargs) of a Labels layer on ``like``'s grid with class names (hover) and colours.
-
-    ``classes`` {value: name} includes background 0; ``like`` is the image the labels belong to.
+    """(data, kwargs) of a Labels layer on ``grid`` (``grid_kwargs`` of its image) with class names
+    (shown on hover) and colours. ``classes`` {value: name} includes background 0.
     """
-    kwargs = grid_kwargs(like)
+    kwargs = copy.deepcopy(grid)
     foreground = {int(k): str(v) for k, v in classes.items() if int(k) != 0}
     kwargs["metadata"][METADATA_KEY].update(class_names=foreground, **(extra_metadata or {}))
     kwargs.update(
@@ -94,11 +99,15 @@ def labels_layer_data(labels: np.ndarray, like, classes: dict[int, str], colours
     return labels, kwargs
 
 
-def add_labels_layer(viewer, labels, like, classes, colours, name, extra_metadata=None) -> Labels:
-    """Add labels as a new layer (never replacing one: the name is made unique)."""
-    data, kwargs = labels_layer_data(labels, like, classes, colours, unique_layer_name(viewer, name),
+def add_labels_layer(viewer, labels, grid, classes, colours, name, extra_metadata=None, **layer_kwargs) -> Labels:
+    """Add labels as a new layer on ``grid`` (never replacing one: the name is made unique).
+
+    ``layer_kwargs`` (e.g. opacity) go to ``viewer.add_labels``: set at creation, not after, each
+    change of a shown layer costs napari a redraw and a new thumbnail on the main thread.
+    """
+    data, kwargs = labels_layer_data(labels, grid, classes, colours, unique_layer_name(viewer, name),
                                      extra_metadata)
-    return viewer.add_labels(data, **kwargs)
+    return viewer.add_labels(data, **kwargs, **layer_kwargs)
 
 
 def class_names_of(layer) -> dict[int, str]:
@@ -108,21 +117,25 @@ def class_names_of(layer) -> dict[int, str]:
 
 
 class LayerPicker(QComboBox):
-    """Combo box of the viewer's layers of one type; follows layers added, removed and renamed."""
+    """Combo box of the viewer's layers of one type; follows layers added, removed and renamed.
 
-    def __init__(self, viewer, layer_type: type = Image, parent: QWidget | None = None):
+    With ``apart_from`` (another picker), a refresh moves this one off the other's layer when
+    there is another to choose: two pickers that need two layers offer two by default.
+    """
+
+    def __init__(self, viewer, layer_type: type = Image, parent: QWidget | None = None, *,
+                 apart_from: LayerPicker | None = None):
         super().__init__(parent)
         self._viewer = viewer
         self._layer_type = layer_type
+        self._apart_from = apart_from
         self._none_text = f"(no {layer_type.__name__.lower()} layer)"
-        events = viewer.layers.events
-        self._connections = [(events.inserted, self._on_inserted), (events.removed, self.refresh),
-                             (events.moved, self.refresh)]
-        for emitter, handler in self._connections:
-            emitter.connect(handler)
+        # napari holds these callbacks weakly and drops them once this widget is deleted.
+        viewer.layers.events.inserted.connect(self._on_inserted)
+        viewer.layers.events.removed.connect(self.refresh)
+        viewer.layers.events.moved.connect(self.refresh)
         for layer in viewer.layers:
             layer.events.name.connect(self.refresh)
-        self.destroyed.connect(_Disconnector(self._connections))
         self.refresh()
 
     def layer(self):
@@ -147,6 +160,8 @@ class LayerPicker(QComboBox):
                 self.addItem(layer.name, _key(layer))
         index = self.findData(current) if current is not None else -1
         self.setCurrentIndex(index if index >= 0 else (0 if self.count() else -1))
+        if self._apart_from is not None and self.count() > 1 and self.currentText() == self._apart_from.currentText():
+            self.setCurrentIndex(1 if self.currentIndex() == 0 else 0)
         self.setPlaceholderText(self._none_text)
         self.blockSignals(False)
         self.currentIndexChanged.emit(self.currentIndex())
@@ -161,17 +176,6 @@ def _key(layer) -> str:
     return str(layer.unique_id)
 
 
-class _Disconnector:
-    """Disconnects viewer events from a widget being deleted (a plain object outlives the widget)."""
-
-    def __init__(self, connections):
-        self._connections = connections
-
-    def __call__(self, *_args):
-        for emitter, handler in self._connections:
-            emitter.disconnect(handler)
-
-
 class _RefreshingComboBox(QComboBox):
     """Re-reads its items each time its list opens, so models saved elsewhere show up."""
 
@@ -184,7 +188,7 @@ class _RefreshingComboBox(QComboBox):
 
 class ModelPicker(QWidget):
     """Shipped and user models (refreshed whenever the list opens or the widget shows) plus any
-    model folder chosen with "Folder…". ``choice()`` is a name or a folder path, or None."""
+    model folder chosen with "Folder…"."""
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -215,7 +219,7 @@ class ModelPicker(QWidget):
             self.combo.addItem(f"{entry['name']} ({entry['source']}, {'/'.join(entry['modalities'])})",
                                entry["path"])
             self.combo.setItemData(self.combo.count() - 1, f"{classes}\n{entry['path']}",
-                                   _TOOLTIP_ROLE)
+                                   Qt.ItemDataRole.ToolTipRole)
         for folder in self._folders:
             self.combo.addItem(f"{Path(folder).name} (folder)", folder)
         index = self.combo.findData(current) if current is not None else -1
@@ -248,15 +252,6 @@ class ModelPicker(QWidget):
             self.add_folder(folder)
 
 
-def _tooltip_role():
-    from qtpy.QtCore import Qt
-
-    return Qt.ItemDataRole.ToolTipRole
-
-
-_TOOLTIP_ROLE = _tooltip_role()
-
-
 def device_choices() -> list[str]:
     """"auto" and "cpu", plus "cuda" / "mps" where this machine has them."""
     import torch
@@ -267,6 +262,31 @@ def device_choices() -> list[str]:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         choices.append("mps")
     return choices
+
+
+def button(text: str, slot, tooltip: str = "") -> QPushButton:
+    push = QPushButton(text)
+    push.setToolTip(tooltip)
+    push.clicked.connect(slot)
+    return push
+
+
+def row(*widgets: QWidget) -> QHBoxLayout:
+    """The widgets side by side; the first one takes the spare width."""
+    layout = QHBoxLayout()
+    for i, widget in enumerate(widgets):
+        layout.addWidget(widget, 1 if i == 0 else 0)
+    return layout
+
+
+def spin_box(low: int, high: int, value: int, special: str = "", tooltip: str = "") -> QSpinBox:
+    """An integer box; ``special`` is shown in place of ``low`` (e.g. "off")."""
+    box = QSpinBox()
+    box.setRange(low, high)
+    box.setValue(value)
+    box.setSpecialValueText(special)
+    box.setToolTip(tooltip)
+    return box
 
 
 def combo(items, tooltip: str = "") -> QComboBox:

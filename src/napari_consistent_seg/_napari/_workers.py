@@ -8,10 +8,11 @@ yields intermediate results (delivered on the main thread) and returns its resul
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, Qt, Signal
@@ -92,6 +93,11 @@ class TaskRunner(QWidget):
     def running(self) -> bool:
         return self._state.worker is not None
 
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether the current (or last) task was asked to stop: Cancel, or the widget deleted."""
+        return self._state.cancel.is_set()
+
     def start(self, task: Callable, *, description: str, on_returned=None, on_yielded=None,
               on_finished=None) -> bool:
         if self.running:
@@ -103,7 +109,7 @@ class TaskRunner(QWidget):
             relay.progressed.emit(int(done), int(total))
 
         cancel = threading.Event()
-        worker = create_worker(task, progress, cancel, _ignore_errors=True)
+        worker = create_worker(_leaving_a_core_to_the_gui(task), progress, cancel, _ignore_errors=True)
         self._state.begin(worker, cancel)
         self._callbacks = {"returned": on_returned, "yielded": on_yielded, "finished": on_finished}
         self._description = description
@@ -167,7 +173,7 @@ class TaskRunner(QWidget):
 
     def _on_finished(self) -> None:
         self._state.worker = None
-        self._idle()
+        self._idle(completed=self.last_error is None and not self.cancel_requested)
         self._call("finished")
 
     def _call(self, name: str, *args) -> None:
@@ -182,7 +188,37 @@ class TaskRunner(QWidget):
             log.error("%s: %s callback failed", self._description, name, exc_info=error)
             notify(f"{self._description}: {type(error).__name__}: {error}", "error", self.status)
 
-    def _idle(self) -> None:
+    def _idle(self, completed: bool = False) -> None:
         self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
+        self.progress_bar.setValue(int(completed))
         self.cancel_button.setEnabled(False)
+
+
+def _leaving_a_core_to_the_gui(task: Callable) -> Callable:
+    """``task`` running torch on all cores but one, so the Qt main thread keeps a core to draw.
+
+    torch's OpenMP thread count is per calling thread: the main thread and other workers keep theirs.
+    """
+    import torch
+
+    def threads() -> int:
+        return max(1, torch.get_num_threads() - 1)
+
+    if inspect.isgeneratorfunction(task):
+        def generator(*args):
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads())
+            try:
+                return (yield from task(*args))
+            finally:
+                torch.set_num_threads(previous)
+        return generator
+
+    def function(*args):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads())
+        try:
+            return task(*args)
+        finally:
+            torch.set_num_threads(previous)
+    return function

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import napari
-from qtpy.QtWidgets import QCheckBox, QPushButton, QVBoxLayout, QWidget
+import numpy as np
+from qtpy.QtWidgets import QCheckBox, QVBoxLayout, QWidget
 
 from ..errors import ConsistentSegError
 from ..inference import predict_volume
 from ..models.store import load_model
-from ._widget_common import ModelInputs, add_labels_layer, grid_kwargs, intensity_colormap, notify, unique_layer_name
+from ._widget_common import (
+    ModelInputs,
+    add_labels_layer,
+    button,
+    grid_kwargs,
+    intensity_colormap,
+    notify,
+    unique_layer_name,
+)
 from ._workers import TaskRunner
 
 
@@ -24,8 +33,7 @@ class SegmentWidget(QWidget):
         self.viewer = viewer
         self.inputs = ModelInputs(viewer)
         self.probabilities = QCheckBox("Add per-class probability layers")
-        self.run_button = QPushButton("Segment")
-        self.run_button.clicked.connect(self.run)
+        self.run_button = button("Segment", self.run)
         self.runner = TaskRunner()
         layout = QVBoxLayout(self)
         layout.addWidget(self.inputs)
@@ -44,7 +52,7 @@ class SegmentWidget(QWidget):
             return False
         with_probabilities = self.probabilities.isChecked()
         # Everything the result needs is read now: the image layer may be renamed or removed meanwhile.
-        context = {"image_name": layer.name, "grid": grid_kwargs(layer), "like": layer}
+        context = {"image_name": layer.name, "grid": grid_kwargs(layer)}
 
         def task(progress, cancel):
             model = load_model(model_choice, device="cpu")
@@ -52,19 +60,21 @@ class SegmentWidget(QWidget):
                 model, volume.data, spacing_mm=volume.spacing_mm, modality=modality, device=device,
                 return_probabilities=with_probabilities, progress=progress, cancel=cancel,
             )
-            return model, prediction
+            present = np.bincount(prediction.labels.ravel(), minlength=len(model.classes)) > 0
+            return model, prediction, present
 
         self.last_layers = []
-        return self.runner.start(task, description=f"Segmenting {layer.name}",
-                                 on_returned=lambda result: self._add_result(context, *result),
-                                 on_finished=self._finished)
+        started = self.runner.start(task, description=f"Segmenting {layer.name}",
+                                    on_returned=lambda result: self._add_result(context, *result),
+                                    on_finished=self._finished)
+        self.run_button.setEnabled(not started)
+        return started
 
-    def _add_result(self, context: dict, model, prediction) -> None:
+    def _add_result(self, context: dict, model, prediction, present) -> None:
         for warning in prediction.warnings:
             notify(warning, "warning")
-        like = _GridOf(context["grid"])
         labels = add_labels_layer(
-            self.viewer, prediction.labels, like, model.classes, model.colours,
+            self.viewer, prediction.labels, context["grid"], model.classes, model.colours,
             f"{context['image_name']} {model.name}", extra_metadata={"model": model.name},
         )
         self.last_layers = [labels]
@@ -78,22 +88,8 @@ class SegmentWidget(QWidget):
                     colormap=intensity_colormap(model.colours.get(value, "#ffffff"), f"p {name}"),
                     contrast_limits=(0.0, 1.0), blending="additive", visible=False, **context["grid"],
                 ))
-        self.viewer.layers.selection.active = labels
-        found = ", ".join(name for value, name in model.classes.items()
-                          if value and (prediction.labels == value).any()) or "nothing"
+        found = ", ".join(name for value, name in model.classes.items() if value and present[value]) or "nothing"
         self.runner.status.setText(f"Added {labels.name!r}: found {found}.")
 
     def _finished(self) -> None:
         self.run_button.setEnabled(True)
-
-    def closeEvent(self, event):
-        self.runner.stop(timeout_s=5.0)
-        super().closeEvent(event)
-
-
-class _GridOf:
-    """Stands in for a layer whose grid was read when the run started."""
-
-    def __init__(self, grid: dict):
-        self.scale, self.translate = grid["scale"], grid["translate"]
-        self.metadata = grid["metadata"]

@@ -1,0 +1,103 @@
+"""Class-attention widget: one Image layer per class showing where that class's query looks."""
+
+from __future__ import annotations
+
+import napari
+import numpy as np
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QSpinBox, QVBoxLayout, QWidget
+
+from ..errors import ConsistentSegError
+from ..inference import attention_maps
+from ..models.store import load_model
+from ._widget_common import ModelInputs, button, grid_kwargs, intensity_colormap, notify, unique_layer_name
+from ._workers import TaskRunner
+
+SCALES = {"0: deepest (1/8 resolution)": 0, "1: middle (1/4)": 1, "2: finest (1/2)": 2}
+# Display from uniform attention (1) up to this percentile of the map: colour = "looks here more".
+UPPER_PERCENTILE = 99.5
+
+
+class AttentionWidget(QWidget):
+    """Choose an image, a model with modules, a decoder scale and a head (or the average of heads).
+
+    Adds one Image layer per class (background skipped unless asked), coloured from black to the
+    class colour and blended additively over the scan, on the scan's scale and translate.
+    A value of 1 is uniform attention; the display starts there.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.inputs = ModelInputs(viewer)
+        self.scale = QComboBox()
+        self.scale.addItems(list(SCALES))
+        self.head = QSpinBox()
+        self.head.setRange(-1, 63)
+        self.head.setValue(-1)
+        self.head.setSpecialValueText("average of heads")
+        self.head.setToolTip("One attention head (0, 1, ...) or the average of all heads")
+        self.background = QCheckBox("Include background")
+        form = QFormLayout()
+        form.addRow("Decoder scale", self.scale)
+        form.addRow("Head", self.head)
+        form.addRow(self.background)
+        self.run_button = button("Show attention maps", self.run)
+        self.runner = TaskRunner()
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.inputs)
+        layout.addLayout(form)
+        layout.addWidget(self.run_button)
+        layout.addWidget(self.runner)
+        layout.addStretch(1)
+        self.last_layers: list = []
+
+    def run(self) -> bool:
+        """Start computing the maps; False (with a message) if the choices are unusable."""
+        try:
+            layer, volume, modality, model_choice, device = self.inputs.read()
+        except ConsistentSegError as error:
+            notify(str(error), "warning", self.runner.status)
+            return False
+        scale = SCALES[self.scale.currentText()]
+        head = None if self.head.value() < 0 else self.head.value()
+        with_background = self.background.isChecked()
+        context = {"image_name": layer.name, "grid": grid_kwargs(layer), "scale": scale, "head": head}
+
+        def task(progress, cancel):
+            model = load_model(model_choice, device="cpu")
+            if model.modules is None:
+                raise ConsistentSegError(
+                    f"Model {model.name!r} was saved without its attention modules, so it has no "
+                    "attention maps: choose a model whose folder has modules.safetensors.")
+            heads = model.modules.config["heads"][scale]
+            if head is not None and head >= heads:
+                raise ConsistentSegError(f"Scale {scale} of {model.name!r} has heads 0..{heads - 1}; "
+                                         f"head {head} does not exist.")
+            maps = attention_maps(model, volume.data, spacing_mm=volume.spacing_mm, modality=modality,
+                                  scale=scale, head=head, device=device, progress=progress, cancel=cancel)
+            shown = [k for k in model.classes if k != 0 or with_background]
+            upper = {k: max(float(np.percentile(maps[k], UPPER_PERCENTILE)), 1.0 + 1e-3) for k in shown}
+            return model, maps, upper
+
+        self.last_layers = []
+        started = self.runner.start(task, description=f"Attention maps of {layer.name}",
+                                    on_returned=lambda result: self._add_maps(context, *result),
+                                    on_finished=lambda: self.run_button.setEnabled(True))
+        self.run_button.setEnabled(not started)
+        return started
+
+    def _add_maps(self, context: dict, model, maps: np.ndarray, upper: dict[int, float]) -> None:
+        head = "heads averaged" if context["head"] is None else f"head {context['head']}"
+        for k, top in upper.items():
+            name = model.classes[k]
+            colour = model.colours.get(k, "#ffffff")
+            self.last_layers.append(self.viewer.add_image(
+                maps[k],
+                name=unique_layer_name(self.viewer, f"{name} attention ({context['image_name']}, "
+                                                    f"scale {context['scale']}, {head})"),
+                colormap=intensity_colormap(colour, f"attention {name} {colour}"),
+                contrast_limits=(1.0, top), blending="additive", **context["grid"],
+            ))
+        self.runner.status.setText(
+            f"Added {len(upper)} attention layers ({head}, scale {context['scale']}) of {model.name!r}. "
+            "1 = uniform attention; brighter = the class looks there more.")

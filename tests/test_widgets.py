@@ -1,0 +1,346 @@
+"""Widget logic on a display-less ViewerModel: pickers, names, new layers, each widget's run and its
+messages on bad choices. A tiny random-weight model stands in for the shipped ones."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from napari.components import ViewerModel
+from napari.layers import Labels
+
+from napari_consistent_seg._napari import _widget_common as common
+from napari_consistent_seg._napari.attention_widget import AttentionWidget
+from napari_consistent_seg._napari.evaluate_widget import EvaluateWidget
+from napari_consistent_seg._napari.finetune_widget import FinetuneWidget
+from napari_consistent_seg._napari.layers import METADATA_KEY
+from napari_consistent_seg._napari.segment_widget import SegmentWidget
+from napari_consistent_seg.io import Geometry
+from napari_consistent_seg.metrics import evaluate_labels, read_csv
+from napari_consistent_seg.models.modules import ICLModules
+from napari_consistent_seg.models.store import save_model
+from napari_consistent_seg.models.unet import UNet
+
+CLASSES = {"0": "background", "1": "RV cavity", "2": "LV myocardium", "3": "LV cavity"}
+COLOURS = {"1": "#ff0000", "2": "#00ff00", "3": "#0000ff"}
+SPACING = (5.0, 1.5, 1.25)
+WAIT_MS = 20_000
+
+
+def save_tiny_model(folder, name="tiny-mr", with_modules=True):
+    """A random-weight 2D U-Net (+ ICL modules) with the acdc classes, saved as a model folder."""
+    torch.manual_seed(0)
+    backbone = UNet(2, 1, len(CLASSES), channels=(4, 8, 16, 32, 64))
+    modules = ICLModules(len(CLASSES), backbone.tap_channels, heads=(2, 2, 1)) if with_modules else None
+    card = {"name": name, "classes": CLASSES, "colours": COLOURS, "modalities": ["MR"],
+            "normalisation": {"MR": {"kind": "percentile", "percentiles": [1, 99]}},
+            "patch_size": [128, 128], "target_spacing_mm": None}
+    return save_model(folder / name, backbone, card, modules)
+
+
+@pytest.fixture
+def tiny_model(user_model_dir):
+    """Name of a tiny user model in a fresh user model folder (conftest's ``user_model_dir``)."""
+    save_tiny_model(user_model_dir)
+    return "tiny-mr"
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    """Every notification the widgets show, as (level, text)."""
+    from napari.utils import notifications
+
+    shown = []
+    for level in ("info", "warning", "error"):
+        monkeypatch.setattr(notifications, f"show_{level}", lambda text, level=level: shown.append((level, text)))
+    return shown
+
+
+def add_scan(viewer, shape=(6, 40, 48), modality="MR", name="scan"):
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 20, shape).astype(np.float32)
+    data[:, 10:30, 12:36] += 200  # something to segment
+    geometry = Geometry.from_spacing(SPACING, shape).to_dict()
+    return viewer.add_image(data, name=name, scale=SPACING, translate=(10.0, -5.0, 3.0),
+                            metadata={METADATA_KEY: {"geometry": geometry, "modality": modality, "source": "x"}})
+
+
+def layer_names(viewer):
+    return [layer.name for layer in viewer.layers]
+
+
+def wait_done(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=WAIT_MS)
+
+
+# -- shared pieces --
+
+def test_layer_picker_follows_added_removed_and_renamed_layers(qtbot):
+    viewer = ViewerModel()
+    picker = common.LayerPicker(viewer, Labels)
+    assert picker.layer() is None and picker.count() == 0
+    viewer.add_image(np.zeros((2, 4, 4)), name="img")
+    first = viewer.add_labels(np.zeros((2, 4, 4), np.uint8), name="a")
+    viewer.add_labels(np.zeros((2, 4, 4), np.uint8), name="b")
+    assert [picker.itemText(i) for i in range(picker.count())] == ["b", "a"]
+    picker.set_layer(first)
+    first.name = "renamed"
+    assert picker.layer() is first and picker.currentText() == "renamed"
+    viewer.layers.remove(first)
+    assert picker.layer().name == "b"
+
+
+def test_unique_layer_name_never_returns_a_taken_name():
+    viewer = ViewerModel()
+    assert common.unique_layer_name(viewer, "x") == "x"
+    viewer.add_labels(np.zeros((2, 2), np.uint8), name="x")
+    viewer.add_labels(np.zeros((2, 2), np.uint8), name="x [2]")
+    assert common.unique_layer_name(viewer, "x") == "x [3]"
+
+
+def test_labels_layer_from_prediction_has_grid_colours_and_class_names(qtbot):
+    viewer = ViewerModel()
+    image = add_scan(viewer)
+    labels = np.zeros(image.data.shape, np.uint8)
+    labels[2, 5, 5] = 3
+    classes = {int(k): v for k, v in CLASSES.items()}
+    layer = common.add_labels_layer(viewer, labels, common.grid_kwargs(image), classes,
+                                    {int(k): v for k, v in COLOURS.items()}, "scan")
+    assert layer.name == "scan [2]"  # the image is called "scan" already
+    np.testing.assert_allclose(layer.scale, image.scale)
+    np.testing.assert_allclose(layer.translate, image.translate)
+    ours = layer.metadata[METADATA_KEY]
+    assert ours["geometry"] == image.metadata[METADATA_KEY]["geometry"]
+    assert ours["class_names"] == {1: "RV cavity", 2: "LV myocardium", 3: "LV cavity"}
+    assert list(layer.features["class"]) == list(CLASSES.values())
+    np.testing.assert_allclose(layer.colormap.map(np.array([3]))[0], [0, 0, 1, 1])
+    assert layer.colormap.map(np.array([0]))[0][3] == 0  # background transparent
+
+
+def test_model_picker_lists_user_models_and_refreshes(qtbot, tiny_model, user_model_dir, tmp_path):
+    picker = common.ModelPicker()
+    assert picker.select(tiny_model) and picker.choice().endswith(tiny_model)
+    save_tiny_model(user_model_dir, name="later")
+    assert not any("later" in picker.combo.itemText(i) for i in range(picker.combo.count()))
+    picker.combo.about_to_show.emit()  # what opening the list does
+    assert picker.select("later")
+    picker.add_folder(tmp_path / "somewhere")
+    assert picker.choice() == str(tmp_path / "somewhere")
+
+
+# -- Segment --
+
+def test_segment_adds_a_named_labels_layer_on_the_image_grid(qtbot, tiny_model, messages):
+    viewer = ViewerModel()
+    image = add_scan(viewer)
+    widget = SegmentWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.inputs.model.select(tiny_model)
+    widget.probabilities.setChecked(True)
+    assert widget.run()
+    wait_done(qtbot, widget)
+    labels = viewer.layers["scan tiny-mr"]
+    assert labels.data.shape == image.data.shape and labels.data.dtype == np.uint8
+    np.testing.assert_allclose(labels.scale, image.scale)
+    np.testing.assert_allclose(labels.translate, image.translate)
+    assert labels.metadata[METADATA_KEY]["class_names"][3] == "LV cavity"
+    probabilities = [layer for layer in viewer.layers if "p(" in layer.name]
+    assert len(probabilities) == 3 and probabilities[0].data.shape == image.data.shape
+    assert widget.run()  # again: a new layer, never the old one replaced
+    wait_done(qtbot, widget)
+    assert "scan tiny-mr [2]" in layer_names(viewer)
+    assert not [m for m in messages if m[0] == "error"]
+
+
+def test_segment_warns_when_the_model_was_not_trained_on_the_modality(qtbot, tiny_model, messages):
+    viewer = ViewerModel()
+    add_scan(viewer, modality="CT")
+    widget = SegmentWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.inputs.model.select(tiny_model)
+    widget.run()
+    wait_done(qtbot, widget)
+    assert any(level == "warning" and "not CT" in text for level, text in messages)
+
+
+def test_segment_bad_choices_say_so_and_change_nothing(qtbot, tiny_model, messages, tmp_path):
+    viewer = ViewerModel()
+    widget = SegmentWidget(viewer)
+    qtbot.addWidget(widget)
+    assert not widget.run()  # no image layer
+    assert "No image layer" in widget.runner.status.text()
+    add_scan(viewer)
+    (tmp_path / "not-a-model").mkdir()
+    widget.inputs.model.add_folder(tmp_path / "not-a-model")
+    assert widget.run()
+    wait_done(qtbot, widget)
+    assert layer_names(viewer) == ["scan"]
+    assert messages[-1][0] == "error" and "not-a-model" in messages[-1][1]
+
+
+def test_segment_cancel_adds_no_layer(qtbot, tiny_model, messages):
+    viewer = ViewerModel()
+    add_scan(viewer, shape=(200, 64, 64))
+    widget = SegmentWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.inputs.model.select(tiny_model)
+    widget.run()
+    widget.runner.cancel()
+    wait_done(qtbot, widget)
+    assert layer_names(viewer) == ["scan"]
+    assert "cancelled" in widget.runner.status.text()
+
+
+# -- Attention --
+
+def test_attention_adds_one_additive_layer_per_foreground_class(qtbot, tiny_model):
+    viewer = ViewerModel()
+    image = add_scan(viewer)
+    widget = AttentionWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.inputs.model.select(tiny_model)
+    widget.head.setValue(1)
+    assert widget.run()
+    wait_done(qtbot, widget)
+    maps = widget.last_layers
+    assert [layer.name for layer in maps] == [
+        f"{name} attention (scan, scale 0, head 1)" for name in ("RV cavity", "LV myocardium", "LV cavity")]
+    for layer in maps:
+        assert layer.data.shape == image.data.shape and layer.blending == "additive"
+        np.testing.assert_allclose(layer.scale, image.scale)
+        np.testing.assert_allclose(layer.translate, image.translate)
+    np.testing.assert_allclose(maps[0].colormap.colors[-1], [1, 0, 0, 1])
+
+
+def test_attention_without_modules_or_with_a_missing_head_says_so(qtbot, user_model_dir, messages):
+    save_tiny_model(user_model_dir, name="no-modules", with_modules=False)
+    save_tiny_model(user_model_dir, name="with-modules")
+    viewer = ViewerModel()
+    add_scan(viewer)
+    widget = AttentionWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.inputs.model.select("no-modules")
+    widget.run()
+    wait_done(qtbot, widget)
+    assert "no attention maps" in messages[-1][1]
+    widget.inputs.model.select("with-modules")
+    widget.head.setValue(5)
+    widget.run()
+    wait_done(qtbot, widget)
+    assert "head 5 does not exist" in messages[-1][1]
+    assert layer_names(viewer) == ["scan"]
+
+
+# -- Evaluate --
+
+def test_evaluate_table_and_csv_on_a_known_case(qtbot, tmp_path):
+    viewer = ViewerModel()
+    ref = np.zeros((4, 20, 20), np.uint8)
+    ref[1:3, 5:15, 5:15] = 1
+    pred = np.zeros_like(ref)
+    pred[1:3, 5:15, 10:15] = 1  # half of the reference: Dice 2*100/(200+100) = 66.7 %
+    viewer.add_labels(ref, name="reference", scale=SPACING)
+    viewer.add_labels(pred, name="prediction", scale=SPACING)
+    widget = EvaluateWidget(viewer)
+    qtbot.addWidget(widget)
+    assert widget.prediction.currentText() == "prediction" and widget.reference.currentText() == "reference"
+    assert widget.run()
+    wait_done(qtbot, widget)
+    expected = evaluate_labels(pred, ref, {1: "label 1"}, SPACING)[0]
+    cells = [widget.table.item(0, c).text() for c in range(widget.table.columnCount())]
+    assert cells[:4] == ["label 1", "66.7", f"{expected['hd95_mm']:.2f}", f"{expected['asd_mm']:.2f}"]
+    assert widget.table.item(1, 0).text() == "mean"
+    rows = read_csv(widget.export_csv(tmp_path / "metrics.csv"))
+    assert math.isclose(rows[0]["dice"], 2 / 3) and rows[1]["class"] == "mean"
+
+
+def test_evaluate_mismatched_shapes_say_so(qtbot, messages):
+    viewer = ViewerModel()
+    viewer.add_labels(np.zeros((4, 20, 20), np.uint8), name="reference")
+    viewer.add_labels(np.zeros((4, 20, 21), np.uint8), name="prediction")
+    widget = EvaluateWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.prediction.set_layer(viewer.layers["prediction"])
+    widget.reference.set_layer(viewer.layers["reference"])
+    assert not widget.run()
+    assert "same grid" in messages[-1][1] and widget.table.rowCount() == 0
+    widget.reference.set_layer(viewer.layers["prediction"])
+    assert not widget.run() and "same layer" in messages[-1][1]
+
+
+# -- Fine-tune --
+
+def paint_two_slices(viewer, image):
+    painted = np.zeros(image.data.shape, np.uint8)
+    painted[1, 10:30, 12:36] = 3
+    painted[4, 10:30, 12:36] = 3
+    return viewer.add_labels(painted, name="painted", scale=image.scale, translate=image.translate)
+
+
+def test_finetune_bad_choices_say_so_and_change_nothing(qtbot, tiny_model, messages):
+    viewer = ViewerModel()
+    image = add_scan(viewer)
+    widget = FinetuneWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.inputs.model.select(tiny_model)
+    assert not widget.run() and "No painted" in messages[-1][1]
+    viewer.add_labels(np.zeros((3, 3, 3), np.uint8), name="wrong shape")
+    assert not widget.run() and "shape" in messages[-1][1]
+    empty = viewer.add_labels(np.zeros(image.data.shape, np.uint8), name="empty")
+    widget.painted.set_layer(empty)
+    assert widget.run()  # the finetuner finds no painted slice
+    wait_done(qtbot, widget)
+    assert messages[-1][0] == "error" and widget.tuner is None
+    assert not widget.accept() and not widget.save_as("x")
+    assert layer_names(viewer) == ["scan", "wrong shape", "empty"]
+
+
+@pytest.mark.slow
+def test_finetune_accept_revert_and_save(qtbot, tiny_model, messages):
+    viewer = ViewerModel()
+    image = add_scan(viewer)
+    painted = paint_two_slices(viewer, image)
+    before = painted.data.copy()
+    widget = FinetuneWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.inputs.model.select(tiny_model)
+    widget.painted.set_layer(painted)
+    widget.steps.setValue(3)
+    widget.preview_every.setValue(2)
+    assert widget.run()
+    wait_done(qtbot, widget)
+    assert widget.steps_done == 3 and len(widget.losses) == 3 and widget.accept_button.isEnabled()
+    assert widget.preview_layer is not None and widget.preview_layer.data.shape == image.data.shape
+    assert widget.accept()
+    wait_done(qtbot, widget)
+    result = viewer.layers["scan fine-tuned"]
+    assert (result.data[painted.data > 0] == 3).all()  # painted voxels win
+    np.testing.assert_array_equal(painted.data, before)  # the painted layer is untouched
+    assert widget.save_as("tiny-tuned")
+    segment = SegmentWidget(viewer)
+    qtbot.addWidget(segment)
+    assert segment.inputs.model.select("tiny-tuned")
+    assert not widget.save_as("tiny-tuned")  # exists already: a message, not an overwrite
+    widget.revert()
+    assert widget.tuner is None and not widget.accept_button.isEnabled()
+    assert not [m for m in messages if m[0] == "error" and "exists" not in m[1]]
+
+
+def test_copy_current_slice_starts_a_painted_layer_from_a_segmentation(qtbot, tiny_model, messages):
+    viewer = ViewerModel()
+    image = add_scan(viewer)
+    segmentation = np.zeros(image.data.shape, np.uint8)
+    segmentation[:, 5:9, 5:9] = 2
+    viewer.add_labels(segmentation, name="seg", scale=image.scale, translate=image.translate,
+                      metadata={METADATA_KEY: {"model": tiny_model}})
+    widget = FinetuneWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.inputs.model.select(tiny_model)
+    assert not widget.run() and "model's output" in messages[-1][1]  # the segmentation is no painting
+    viewer.dims.set_point(0, image.translate[0] + 3 * image.scale[0])
+    assert widget.copy_current_slice()
+    painted = widget.painted.layer()
+    assert painted.name == "scan painted" and "model" not in painted.metadata[METADATA_KEY]
+    assert painted.data[3].sum() == segmentation[3].sum() and painted.data[[0, 1, 2, 4, 5]].sum() == 0
+    np.testing.assert_array_equal(viewer.layers["seg"].data, segmentation)
+    assert widget.copy_from.currentText() == "seg"

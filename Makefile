@@ -9,7 +9,7 @@ APT_PKGS   := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcomm
               libxcb-image0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 \
               libegl1 libgl1 libglib2.0-0 libfontconfig1 libdbus-1-3
 
-.PHONY: setup sysdeps demo test test-fast benchmark clean
+.PHONY: setup sysdeps demo test test-fast benchmark train-more ship clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,21 @@ test-fast: setup
 
 benchmark: setup
 	$(PY) benchmarks/accuracy.py
+
+# Continue the shipped models' training from the committed checkpoints (resumable; MINUTES each).
+MINUTES ?= 120
+SHIPPED := cardiac-cine-mri abdomen-ct-mri
+train-more: setup
+	for m in $(SHIPPED); do \
+	  $(VENV)/bin/consistent-seg train configs/$$m.yaml --run-dir checkpoints/$$m --resume --max-minutes $(MINUTES) || exit 1; \
+	done
+
+# Copy each run's best-on-val model into the package (the shipped weights).
+ship:
+	for m in $(SHIPPED); do \
+	  rm -rf src/napari_consistent_seg/models/weights/$$m && \
+	  cp -r checkpoints/$$m/best src/napari_consistent_seg/models/weights/$$m || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -19,17 +19,21 @@ from .io import load_volume, make_phantom, save_nifti
 from .metrics import dice
 from .models.store import Model, load_model
 
-# (model, data set, val case) segmented by default when the shared data is present
+# (model, data set, val case, modality) segmented by default when the shared data is present;
+# the modality is given because acdc's files carry no header or name that tells it
 DEFAULT_CASES = [
-    ("cardiac-cine-mri", "acdc", "patient028_frame01"),
-    ("abdomen-ct-mri", "btcv_ct", "case_14"),
-    ("abdomen-ct-mri", "chaos_t2", "case_31"),
+    ("cardiac-cine-mri", "acdc", "patient028_frame01", "MR"),
+    ("abdomen-ct-mri", "btcv_ct", "case_14", "CT"),
+    ("abdomen-ct-mri", "chaos_t2", "case_31", "MR"),
 ]
 
 
 def find_shared_data() -> Path | None:
-    candidates = [os.environ.get("CONSISTENT_SEG_DATA"), Path.cwd().parent / "shared" / "data",
-                  Path(__file__).resolve().parents[3] / "shared" / "data"]
+    """``$CONSISTENT_SEG_DATA`` if set (and only there), else ../shared/data beside the checkout."""
+    if os.environ.get("CONSISTENT_SEG_DATA"):
+        candidates = [os.environ["CONSISTENT_SEG_DATA"]]
+    else:
+        candidates = [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"]
     for c in candidates:
         if c and (Path(c) / "splits.json").is_file():
             return Path(c)
@@ -57,8 +61,9 @@ def _report(model: Model, labels: np.ndarray, spacing_mm, reference: np.ndarray 
     return "\n".join(lines)
 
 
-def _segment_file(model: Model, path: Path, output: Path, device, reference: np.ndarray | None) -> None:
-    volume = load_volume(path)
+def _segment_file(model: Model, path: Path, output: Path, device, reference: np.ndarray | None,
+                  modality: str | None = None) -> None:
+    volume = load_volume(path, modality=modality)
     pred = predict_volume(model, volume.data, spacing_mm=volume.spacing_mm, modality=volume.modality, device=device)
     stem = path.name.split(".nii")[0]
     target = save_nifti(pred.labels, volume.geometry, output / f"{stem}_{model.name}.nii.gz")
@@ -106,7 +111,7 @@ def run_demo(inputs: list[str], *, output: Path, device=None, model_name: str = 
         return 0
     print(f"segmenting val cases of {data} with the shipped models (Dice against the expert labels)")
     models: dict[str, Model] = {}
-    for name, dataset, case in DEFAULT_CASES:
+    for name, dataset, case, modality in DEFAULT_CASES:
         try:
             model = models.setdefault(name, load_model(name, with_modules=False))
         except ConsistentSegError as exc:
@@ -116,5 +121,5 @@ def run_demo(inputs: list[str], *, output: Path, device=None, model_name: str = 
 
         reference = map_labels(load_volume(data / dataset / "labels" / f"{case}.nii.gz").data,
                                _label_map_for(model, dataset))
-        _segment_file(model, data / dataset / "images" / f"{case}.nii.gz", output, device, reference)
+        _segment_file(model, data / dataset / "images" / f"{case}.nii.gz", output, device, reference, modality)
     return 0

@@ -148,17 +148,24 @@ def predict_volume(
     batch_size: int = 8,
     overlap: float = 0.25,
     return_probabilities: bool = False,
+    slices=None,
     progress: Progress | None = None,
     cancel=None,
 ) -> Prediction:
     """Segment a (Z, Y, X) volume (or a (Y, X) image) with ``model``; labels on the input grid.
 
     ``spacing_mm`` (z, y, x) enables in-plane resampling to the model's training spacing.
+    ``slices`` (2D models): segment only these z indices, normalised as the whole volume (a
+    preview matches the full result); labels are then (len(slices), Y, X).
     """
     device = pick_device(device)
     model.to(device)
     model.backbone.eval()
     prepared = prepare_input(model, data, spacing_mm, modality)
+    if slices is not None:
+        if model.spatial_dims != 2:
+            raise ConsistentSegError("predict_volume(slices=...) is for 2D models only")
+        prepared.data = prepared.data[np.asarray(slices, dtype=int)]
     k = model.backbone.out_channels
     if model.spatial_dims == 2:
         probs = run_slices(

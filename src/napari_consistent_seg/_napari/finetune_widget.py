@@ -124,8 +124,8 @@ class FinetuneWidget(QWidget):
                 preview = None
                 if every and (step % every == 0 or step == steps):
                     z = self._preview_z[0]
-                    preview = z, predict_volume(tuner.model, volume.data[z], spacing_mm=volume.spacing_mm[1:],
-                                                modality=modality, device=device).labels
+                    preview = z, predict_volume(tuner.model, volume.data, spacing_mm=volume.spacing_mm,
+                                                modality=modality, device=device, slices=[z]).labels[0]
                 yield "step", (step, steps, float(stats["loss"]), elapsed, budget_s, preview)
                 if budget_s and elapsed >= budget_s:
                     break

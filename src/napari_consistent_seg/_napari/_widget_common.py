@@ -13,7 +13,9 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.colormaps import Colormap, DirectLabelColormap
 from qtpy.QtCore import Qt, Signal
-from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
+from qtpy.QtWidgets import (
+    QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+)
 
 from ..errors import ConsistentSegError
 from ..io import Volume
@@ -324,3 +326,20 @@ class ModelInputs(QWidget):
         if model is None:
             raise ConsistentSegError("No model: no model is installed yet; choose a model folder.")
         return layer, volume, modality, model, self.device.currentText()
+
+    def read_or_say(self, status: QLabel | None = None) -> tuple | None:
+        """``read()``, or None after showing (in napari and in ``status``) why the choices are unusable."""
+        try:
+            return self.read()
+        except ConsistentSegError as error:
+            notify(str(error), "warning", status)
+            return None
+
+
+def stack(widget: QWidget, *items) -> QVBoxLayout:
+    """Lay ``items`` (widgets or layouts) out top to bottom on ``widget``, with a stretch below."""
+    layout = QVBoxLayout(widget)
+    for item in items:
+        (layout.addLayout if isinstance(item, QLayout) else layout.addWidget)(item)
+    layout.addStretch(1)
+    return layout

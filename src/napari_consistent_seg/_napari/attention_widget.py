@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import napari
 import numpy as np
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QSpinBox, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QSpinBox, QWidget
 
 from ..errors import ConsistentSegError
 from ..inference import attention_maps
 from ..models.store import load_model
-from ._widget_common import ModelInputs, button, grid_kwargs, intensity_colormap, notify, unique_layer_name
+from ._widget_common import ModelInputs, button, grid_kwargs, intensity_colormap, stack, unique_layer_name
 from ._workers import TaskRunner
 
 SCALES = {"0: deepest (1/8 resolution)": 0, "1: middle (1/4)": 1, "2: finest (1/2)": 2}
@@ -43,21 +43,15 @@ class AttentionWidget(QWidget):
         form.addRow(self.background)
         self.run_button = button("Show attention maps", self.run)
         self.runner = TaskRunner()
-        layout = QVBoxLayout(self)
-        layout.addWidget(self.inputs)
-        layout.addLayout(form)
-        layout.addWidget(self.run_button)
-        layout.addWidget(self.runner)
-        layout.addStretch(1)
+        stack(self, self.inputs, form, self.run_button, self.runner)
         self.last_layers: list = []
 
     def run(self) -> bool:
         """Start computing the maps; False (with a message) if the choices are unusable."""
-        try:
-            layer, volume, modality, model_choice, device = self.inputs.read()
-        except ConsistentSegError as error:
-            notify(str(error), "warning", self.runner.status)
+        choices = self.inputs.read_or_say(self.runner.status)
+        if choices is None:
             return False
+        layer, volume, modality, model_choice, device = choices
         scale = SCALES[self.scale.currentText()]
         head = None if self.head.value() < 0 else self.head.value()
         with_background = self.background.isChecked()

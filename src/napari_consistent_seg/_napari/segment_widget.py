@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import napari
 import numpy as np
-from qtpy.QtWidgets import QCheckBox, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QWidget
 
-from ..errors import ConsistentSegError
 from ..inference import predict_volume
 from ..models.store import load_model
 from ._widget_common import (
@@ -16,6 +15,7 @@ from ._widget_common import (
     grid_kwargs,
     intensity_colormap,
     notify,
+    stack,
     unique_layer_name,
 )
 from ._workers import TaskRunner
@@ -35,21 +35,15 @@ class SegmentWidget(QWidget):
         self.probabilities = QCheckBox("Add per-class probability layers")
         self.run_button = button("Segment", self.run)
         self.runner = TaskRunner()
-        layout = QVBoxLayout(self)
-        layout.addWidget(self.inputs)
-        layout.addWidget(self.probabilities)
-        layout.addWidget(self.run_button)
-        layout.addWidget(self.runner)
-        layout.addStretch(1)
+        stack(self, self.inputs, self.probabilities, self.run_button, self.runner)
         self.last_layers: list = []
 
     def run(self) -> bool:
         """Start segmenting the chosen image; False (with a message) if the choices are unusable."""
-        try:
-            layer, volume, modality, model_choice, device = self.inputs.read()
-        except ConsistentSegError as error:
-            notify(str(error), "warning", self.runner.status)
+        choices = self.inputs.read_or_say(self.runner.status)
+        if choices is None:
             return False
+        layer, volume, modality, model_choice, device = choices
         with_probabilities = self.probabilities.isChecked()
         # Everything the result needs is read now: the image layer may be renamed or removed meanwhile.
         context = {"image_name": layer.name, "grid": grid_kwargs(layer)}

@@ -18,6 +18,7 @@ from .inference import predict_volume
 from .io import load_volume, make_phantom, save_nifti
 from .metrics import dice
 from .models.store import Model, load_model
+from .training.data import map_labels
 
 # (model, data set, val case, modality) segmented by default when the shared data is present;
 # the modality is given because acdc's files carry no header or name that tells it
@@ -117,8 +118,6 @@ def run_demo(inputs: list[str], *, output: Path, device=None, model_name: str = 
         except ConsistentSegError as exc:
             print(f"skipped {dataset}/{case}: {exc}", file=sys.stderr)
             continue
-        from .training.data import map_labels
-
         reference = map_labels(load_volume(data / dataset / "labels" / f"{case}.nii.gz").data,
                                _label_map_for(model, dataset))
         _segment_file(model, data / dataset / "images" / f"{case}.nii.gz", output, device, reference, modality)

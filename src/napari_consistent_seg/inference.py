@@ -95,7 +95,8 @@ def prepare_input(model: Model, data: np.ndarray, spacing_mm=None, modality: str
     return PreparedInput(normalise_intensity(arr, spec), spacing, used, warnings)
 
 
-def _inplane_size(shape_yx, spacing_mm, target_yx) -> tuple[int, int] | None:
+def inplane_size(shape_yx, spacing_mm, target_yx) -> tuple[int, int] | None:
+    """(Y, X) size of slices resampled from ``spacing_mm`` (z, y, x) to ``target_yx`` mm; None if unchanged."""
     if spacing_mm is None or not target_yx:
         return None
     size = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape_yx, spacing_mm[1:], target_yx))
@@ -111,7 +112,7 @@ def run_slices(forward, data: np.ndarray, channels: int, *, device, batch_size: 
     Returns (channels, Z, Y, X) float32.
     """
     z, h, w = data.shape
-    resized = _inplane_size((h, w), spacing_mm, target_spacing_yx)
+    resized = inplane_size((h, w), spacing_mm, target_spacing_yx)
     out = np.empty((channels, z, h, w), np.float32)
     with torch.inference_mode(), _autocast(device):
         for start in range(0, z, batch_size):

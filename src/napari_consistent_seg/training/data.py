@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConsistentSegError
+from ..inference import inplane_size
 from ..intensity import normalise_intensity
 from ..io import load_volume
 
@@ -76,10 +77,8 @@ def map_labels(labels: np.ndarray, label_map: dict | None) -> np.ndarray:
 
 def resample_inplane(image: np.ndarray, labels: np.ndarray | None, spacing_mm, target_yx):
     """Resample (Z, Y, X) slices to ``target_yx`` mm in-plane (bilinear image, nearest labels)."""
-    if not target_yx:
-        return image, labels
-    size = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(image.shape[1:], spacing_mm[1:], target_yx))
-    if size == image.shape[1:]:
+    size = inplane_size(image.shape[1:], spacing_mm, target_yx)
+    if size is None:
         return image, labels
     img = F.interpolate(torch.from_numpy(image)[:, None], size=size, mode="bilinear", align_corners=False)
     image = img[:, 0].numpy()

@@ -13,6 +13,7 @@ import pytest
 from conftest import save_tiny, write_toy_config
 
 from napari_consistent_seg import cli
+from napari_consistent_seg.inference import keep_largest_components
 from napari_consistent_seg.io import load_volume
 from napari_consistent_seg.models.store import load_model
 
@@ -63,6 +64,13 @@ def test_predict_a_folder_of_nifti_files(toy_data, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
     for name in names:
         assert nib.load(tmp_path / "out" / name).shape == nib.load(inputs / name).shape
+    # --keep-largest post-processes what the card leaves raw
+    code, _, err = _run(capsys, "predict", "-m", model, "-o", tmp_path / "post", "--keep-largest", inputs)
+    assert code == 0, err
+    for name in names:
+        raw = np.asarray(nib.load(tmp_path / "out" / name).dataobj)
+        post = np.asarray(nib.load(tmp_path / "post" / name).dataobj)
+        assert np.array_equal(post, keep_largest_components(raw))
 
 
 def test_predict_a_dicom_folder(shared_data, ct_model, tmp_path, capsys):

@@ -13,7 +13,12 @@ from napari_consistent_seg.errors import (
     ConsistentSegError,
     ShapeMismatchError,
 )
-from napari_consistent_seg.inference import attention_maps, pick_device, predict_volume
+from napari_consistent_seg.inference import (
+    attention_maps,
+    keep_largest_components,
+    pick_device,
+    predict_volume,
+)
 from napari_consistent_seg.models.store import CARD_FILE, load_model
 
 pytestmark = pytest.mark.usefixtures("user_model_dir")
@@ -57,6 +62,36 @@ def test_predict_2d_labels_on_the_input_grid_and_probabilities_sum_to_one(models
     assert single.labels.shape == (61, 47) and single.probabilities.shape == (4, 61, 47)
     one_slice = predict_volume(models["mr"], data[:1], modality="MR", return_probabilities=True)
     assert np.allclose(single.probabilities, one_slice.probabilities[:, 0], atol=1e-6)
+
+
+def test_keep_largest_components_removes_islands_class_by_class():
+    labels = np.zeros((6, 20, 20), np.uint8)
+    labels[1:4, 2:10, 2:10] = 1      # the organ
+    labels[5, 15:17, 15:17] = 1      # an island of class 1 on another slice
+    labels[1:3, 12:18, 12:18] = 2    # class 2: two pieces touching only at a corner count as one
+    labels[3, 18:20, 18:20] = 2
+    labels[0, 0, 19] = 3             # a class with one voxel keeps it
+    kept = keep_largest_components(labels)
+    assert kept.dtype == labels.dtype and kept is not labels
+    expected = labels.copy()
+    expected[5, 15:17, 15:17] = 0
+    assert np.array_equal(kept, expected)
+    assert labels[5, 15, 15] == 1  # the input is left as it was
+    empty = np.zeros((3, 4, 4), np.uint8)
+    assert np.array_equal(keep_largest_components(empty), empty)
+
+
+def test_post_processing_follows_the_card_unless_asked(models, monkeypatch):
+    data = _volume((6, 40, 40), seed=3)
+    model = models["ct"]
+    raw = predict_volume(model, data, modality="CT", keep_largest=False).labels
+    post = predict_volume(model, data, modality="CT", keep_largest=True).labels
+    assert np.array_equal(post, keep_largest_components(raw))
+    assert np.array_equal(predict_volume(model, data, modality="CT").labels, raw)  # card says nothing: off
+    monkeypatch.setitem(model.card, "postprocessing", {"keep_largest_component": True})
+    assert np.array_equal(predict_volume(model, data, modality="CT").labels, post)
+    # a preview of some slices is never post-processed (it needs the whole volume)
+    assert np.array_equal(predict_volume(model, data, modality="CT", slices=[1, 2]).labels, raw[1:3])
 
 
 def test_predict_2d_resamples_to_the_training_spacing_and_back(tmp_path):

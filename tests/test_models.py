@@ -378,6 +378,8 @@ def test_card_validation_errors(tmp_path):
         (broken(colours={"1": "red"}), "#rrggbb"),
         (broken(modalities=["PET"]), "CT and/or MR"),
         (broken(modalities=[]), "CT and/or MR"),
+        (broken(postprocessing={"keep_largest_component": "yes"}), "postprocessing"),
+        (broken(postprocessing=["keep_largest_component"]), "postprocessing"),
     ]
     for card, message in cases:
         with pytest.raises(ModelLoadError, match=message):

@@ -107,6 +107,19 @@ def test_max_minutes_stops_early_and_resumably(toy_data, tmp_path):
     assert again.iterations == 4
 
 
+def test_stop_at_pauses_without_changing_the_lr_schedule(toy_data, tmp_path):
+    cfg = _cfg(toy_data, iterations=6, stop_at=2)
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    result = trainer.fit()
+    assert result.iterations == 2
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * (1 - 1 / 6) ** 0.9)
+    card = json.loads((tmp_path / "run" / "last" / "card.json").read_text())
+    assert card["training"]["iterations_planned"] == 6
+    assert card["postprocessing"] == {"keep_largest_component": True}
+    cfg.stop_at = None
+    assert Trainer(cfg, tmp_path / "run", device="cpu", resume=True).fit().iterations == 6
+
+
 def test_config_errors_say_what_is_wrong(toy_data, tmp_path):
     with pytest.raises(ConsistentSegError, match="method must be"):
         _cfg(toy_data, "magic")

@@ -15,6 +15,7 @@ from napari_consistent_seg._napari.evaluate_widget import EvaluateWidget
 from napari_consistent_seg._napari.finetune_widget import FinetuneWidget
 from napari_consistent_seg._napari.layers import METADATA_KEY
 from napari_consistent_seg._napari.segment_widget import SegmentWidget
+from napari_consistent_seg.inference import keep_largest_components
 from napari_consistent_seg.io import Geometry
 from napari_consistent_seg.metrics import evaluate_labels, read_csv
 from napari_consistent_seg.models.modules import ICLModules
@@ -146,9 +147,13 @@ def test_segment_adds_a_named_labels_layer_on_the_image_grid(qtbot, tiny_model, 
     assert labels.metadata[METADATA_KEY]["class_names"][3] == "LV cavity"
     probabilities = [layer for layer in viewer.layers if "p(" in layer.name]
     assert len(probabilities) == 3 and probabilities[0].data.shape == image.data.shape
+    assert widget.keep_largest.isChecked()  # on by default: each class is one piece
+    widget.keep_largest.setChecked(False)
     assert widget.run()  # again: a new layer, never the old one replaced
     wait_done(qtbot, widget)
     assert "scan tiny-mr [2]" in layer_names(viewer)
+    raw = viewer.layers["scan tiny-mr [2]"].data
+    assert np.array_equal(labels.data, keep_largest_components(raw))
     assert not [m for m in messages if m[0] == "error"]
 
 

@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"method": args.method, "iterations": args.iterations, "max_minutes": args.max_minutes,
-                 "seed": args.seed}
+                 "stop_at": args.stop_at, "seed": args.seed}
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
     command = "consistent-seg " + " ".join(sys.argv[1:])
@@ -106,7 +106,7 @@ def cmd_predict(args) -> int:
             bar.refresh()
 
         pred = predict_volume(model, volume.data, spacing_mm=volume.spacing_mm, modality=volume.modality,
-                              device=args.device, progress=progress)
+                              device=args.device, keep_largest=args.keep_largest, progress=progress)
         bar.close()
         for warning in pred.warnings:
             print(f"warning: {path.name}: {warning}", file=sys.stderr)
@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--iterations", type=int, help="override the planned number of iterations")
     p.add_argument("--max-minutes", type=float, help="stop (resumably) after this many minutes")
+    p.add_argument("--stop-at", type=int, help="stop (resumably) at this iteration; the LR schedule is unchanged")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--model", "-m", required=True, help="shipped/user model name, or a model folder")
     p.add_argument("--output", "-o", required=True, help="folder for <input name>.nii.gz label files")
+    p.add_argument("--keep-largest", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep each class's largest connected component only (default: as the model card says)")
     p.add_argument("--modality", choices=["CT", "MR"], help="override the modality read from the file")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_predict)

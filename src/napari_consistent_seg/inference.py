@@ -149,6 +149,7 @@ def predict_volume(
     batch_size: int = 8,
     overlap: float = 0.25,
     return_probabilities: bool = False,
+    keep_largest: bool | None = None,
     slices=None,
     progress: Progress | None = None,
     cancel=None,
@@ -156,8 +157,10 @@ def predict_volume(
     """Segment a (Z, Y, X) volume (or a (Y, X) image) with ``model``; labels on the input grid.
 
     ``spacing_mm`` (z, y, x) enables in-plane resampling to the model's training spacing.
-    ``slices`` (2D models): segment only these z indices, normalised as the whole volume (a
-    preview matches the full result); labels are then (len(slices), Y, X).
+    ``keep_largest``: keep each class's largest connected component only (None: as the model
+    card's ``postprocessing`` says). ``slices`` (2D models): segment only these z indices,
+    normalised as the whole volume (a preview matches the full result, less the post-processing,
+    which needs the whole volume); labels are then (len(slices), Y, X).
     """
     device = pick_device(device)
     model.to(device)
@@ -177,9 +180,29 @@ def predict_volume(
     else:
         probs = _sliding_window_3d(model, prepared, device, overlap, progress, cancel)
     labels = probs.argmax(0).astype(np.uint8)
+    if keep_largest is None:
+        keep_largest = bool(model.card.get("postprocessing", {}).get("keep_largest_component", False))
+    if keep_largest and slices is None:
+        labels = keep_largest_components(labels)
     if np.asarray(data).ndim == 2:
         labels, probs = labels[0], probs[:, 0]
     return Prediction(labels, probs if return_probabilities else None, prepared.modality, prepared.warnings)
+
+
+def keep_largest_components(labels: np.ndarray) -> np.ndarray:
+    """Each class keeps its largest connected component (full connectivity); the rest becomes 0.
+
+    For anatomy where every class is one organ: it removes the islands a slice-wise model leaves
+    on other slices, which dominate HD95 (see docs/benchmarks.md). Returns a new array.
+    """
+    from monai.transforms import KeepLargestConnectedComponent
+
+    present = [int(c) for c in np.unique(labels) if c != 0]
+    if not present:
+        return labels.copy()
+    keep = KeepLargestConnectedComponent(applied_labels=present, is_onehot=False, independent=True)
+    out = labels[None].copy()  # MONAI edits a numpy input in place
+    return np.asarray(keep(out))[0].astype(labels.dtype)
 
 
 def _sliding_window_3d(model: Model, prepared: PreparedInput, device, overlap, progress, cancel) -> np.ndarray:

@@ -32,10 +32,14 @@ class SegmentWidget(QWidget):
         super().__init__(parent)
         self.viewer = viewer
         self.inputs = ModelInputs(viewer)
+        self.keep_largest = QCheckBox("Keep each class's largest piece")
+        self.keep_largest.setChecked(True)
+        self.keep_largest.setToolTip("Remove the islands a slice-wise model leaves elsewhere in the volume: "
+                                     "each class keeps its largest connected component")
         self.probabilities = QCheckBox("Add per-class probability layers")
         self.run_button = button("Segment", self.run)
         self.runner = TaskRunner()
-        stack(self, self.inputs, self.probabilities, self.run_button, self.runner)
+        stack(self, self.inputs, self.keep_largest, self.probabilities, self.run_button, self.runner)
         self.last_layers: list = []
 
     def run(self) -> bool:
@@ -44,7 +48,7 @@ class SegmentWidget(QWidget):
         if choices is None:
             return False
         layer, volume, modality, model_choice, device = choices
-        with_probabilities = self.probabilities.isChecked()
+        with_probabilities, keep_largest = self.probabilities.isChecked(), self.keep_largest.isChecked()
         # Everything the result needs is read now: the image layer may be renamed or removed meanwhile.
         context = {"image_name": layer.name, "grid": grid_kwargs(layer)}
 
@@ -52,7 +56,8 @@ class SegmentWidget(QWidget):
             model = load_model(model_choice, device="cpu")
             prediction = predict_volume(
                 model, volume.data, spacing_mm=volume.spacing_mm, modality=modality, device=device,
-                return_probabilities=with_probabilities, progress=progress, cancel=cancel,
+                return_probabilities=with_probabilities, keep_largest=keep_largest, progress=progress,
+                cancel=cancel,
             )
             present = np.bincount(prediction.labels.ravel(), minlength=len(model.classes)) > 0
             return model, prediction, present

@@ -74,6 +74,9 @@ def validate_card(card: dict) -> dict:
             raise ModelLoadError(f"model card: colour of class {k} is not #rrggbb: {colour!r}")
     if not card["modalities"] or any(m not in ("CT", "MR") for m in card["modalities"]):
         raise ModelLoadError(f"model card 'modalities' must list CT and/or MR, got {card['modalities']}")
+    post = card.get("postprocessing", {})
+    if not isinstance(post, dict) or not isinstance(post.get("keep_largest_component", False), bool):
+        raise ModelLoadError("model card 'postprocessing' must be {\"keep_largest_component\": true|false}")
     return card
 
 

@@ -212,6 +212,7 @@ class Trainer:
             "normalisation": {m: cfg.normalisation[m] for m in cfg.modalities},
             "target_spacing_mm": cfg.target_spacing_mm,
             "patch_size": list(cfg.patch_size),
+            "postprocessing": {"keep_largest_component": cfg.keep_largest_component},
             "axes": "slices along z of the canonical (z, y, x) volume (see docs/io.md)",
             "training": {
                 "method": cfg.method,
@@ -239,7 +240,7 @@ class Trainer:
         return self.cfg.lr * (1 - min(self.iteration, self.cfg.iterations - 1) / self.cfg.iterations) ** 0.9
 
     def fit(self, progress=None, cancel=None) -> TrainResult:
-        """Train until ``cfg.iterations`` (or ``cfg.max_minutes`` of this call, or ``cancel``).
+        """Train until ``cfg.iterations`` (or ``cfg.stop_at``, ``cfg.max_minutes`` of this call, or ``cancel``).
 
         ``progress(iteration, total, logs)`` is called every iteration on rank 0.
         """
@@ -253,7 +254,8 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
         running: dict[str, float] = {}
         start_wall = time.monotonic()
-        while self.iteration < cfg.iterations:
+        end = min(cfg.iterations, cfg.stop_at or cfg.iterations)
+        while self.iteration < end:
             try:
                 check_cancel(cancel)
             except Cancelled:

@@ -66,6 +66,17 @@ def add_scan(viewer, shape=(6, 40, 48), modality="MR", name="scan"):
                             metadata={METADATA_KEY: {"geometry": geometry, "modality": modality, "source": "x"}})
 
 
+def open_widget(qtbot, widget_class, model=None, **scan):
+    """A ViewerModel with a scan layer (``scan``: add_scan's options), the widget on it, ``model`` chosen."""
+    viewer = ViewerModel()
+    image = add_scan(viewer, **scan)
+    widget = widget_class(viewer)
+    qtbot.addWidget(widget)
+    if model is not None:
+        widget.inputs.model.select(model)
+    return viewer, image, widget
+
+
 def layer_names(viewer):
     return [layer.name for layer in viewer.layers]
 
@@ -132,11 +143,7 @@ def test_model_picker_lists_user_models_and_refreshes(qtbot, tiny_model, user_mo
 # -- Segment --
 
 def test_segment_adds_a_named_labels_layer_on_the_image_grid(qtbot, tiny_model, messages):
-    viewer = ViewerModel()
-    image = add_scan(viewer)
-    widget = SegmentWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.inputs.model.select(tiny_model)
+    viewer, image, widget = open_widget(qtbot, SegmentWidget, tiny_model)
     widget.probabilities.setChecked(True)
     assert widget.run()
     wait_done(qtbot, widget)
@@ -158,11 +165,7 @@ def test_segment_adds_a_named_labels_layer_on_the_image_grid(qtbot, tiny_model, 
 
 
 def test_segment_warns_when_the_model_was_not_trained_on_the_modality(qtbot, tiny_model, messages):
-    viewer = ViewerModel()
-    add_scan(viewer, modality="CT")
-    widget = SegmentWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.inputs.model.select(tiny_model)
+    viewer, _, widget = open_widget(qtbot, SegmentWidget, tiny_model, modality="CT")
     widget.run()
     wait_done(qtbot, widget)
     assert any(level == "warning" and "not CT" in text for level, text in messages)
@@ -184,11 +187,7 @@ def test_segment_bad_choices_say_so_and_change_nothing(qtbot, tiny_model, messag
 
 
 def test_segment_cancel_adds_no_layer(qtbot, tiny_model, messages):
-    viewer = ViewerModel()
-    add_scan(viewer, shape=(200, 64, 64))
-    widget = SegmentWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.inputs.model.select(tiny_model)
+    viewer, _, widget = open_widget(qtbot, SegmentWidget, tiny_model, shape=(200, 64, 64))
     widget.run()
     widget.runner.cancel()
     wait_done(qtbot, widget)
@@ -199,11 +198,7 @@ def test_segment_cancel_adds_no_layer(qtbot, tiny_model, messages):
 # -- Attention --
 
 def test_attention_adds_one_additive_layer_per_foreground_class(qtbot, tiny_model):
-    viewer = ViewerModel()
-    image = add_scan(viewer)
-    widget = AttentionWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.inputs.model.select(tiny_model)
+    viewer, image, widget = open_widget(qtbot, AttentionWidget, tiny_model)
     widget.head.setValue(1)
     assert widget.run()
     wait_done(qtbot, widget)
@@ -220,11 +215,7 @@ def test_attention_adds_one_additive_layer_per_foreground_class(qtbot, tiny_mode
 def test_attention_without_modules_or_with_a_missing_head_says_so(qtbot, user_model_dir, messages):
     save_tiny_model(user_model_dir, name="no-modules", with_modules=False)
     save_tiny_model(user_model_dir, name="with-modules")
-    viewer = ViewerModel()
-    add_scan(viewer)
-    widget = AttentionWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.inputs.model.select("no-modules")
+    viewer, _, widget = open_widget(qtbot, AttentionWidget, "no-modules")
     widget.run()
     wait_done(qtbot, widget)
     assert "no attention maps" in messages[-1][1]
@@ -283,11 +274,7 @@ def paint_two_slices(viewer, image):
 
 
 def test_finetune_bad_choices_say_so_and_change_nothing(qtbot, tiny_model, messages):
-    viewer = ViewerModel()
-    image = add_scan(viewer)
-    widget = FinetuneWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.inputs.model.select(tiny_model)
+    viewer, image, widget = open_widget(qtbot, FinetuneWidget, tiny_model)
     assert not widget.run() and "No painted" in messages[-1][1]
     viewer.add_labels(np.zeros((3, 3, 3), np.uint8), name="wrong shape")
     assert not widget.run() and "shape" in messages[-1][1]

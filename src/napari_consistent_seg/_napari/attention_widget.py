@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import napari
 import numpy as np
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QSpinBox, QWidget
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QSpinBox
 
 from ..errors import ConsistentSegError
 from ..inference import attention_maps
 from ..models.store import load_model
-from ._widget_common import ModelInputs, button, grid_kwargs, intensity_colormap, stack, unique_layer_name
-from ._workers import TaskRunner
+from ._model_widget import ModelTaskWidget
+from ._widget_common import grid_kwargs, intensity_colormap, unique_layer_name
 
 SCALES = {"0: deepest (1/8 resolution)": 0, "1: middle (1/4)": 1, "2: finest (1/2)": 2}
 # Display from uniform attention (1) up to this percentile of the map: colour = "looks here more".
 UPPER_PERCENTILE = 99.5
 
 
-class AttentionWidget(QWidget):
+class AttentionWidget(ModelTaskWidget):
     """Choose an image, a model with modules, a decoder scale and a head (or the average of heads).
 
     Adds one Image layer per class (background skipped unless asked), coloured from black to the
@@ -25,10 +24,9 @@ class AttentionWidget(QWidget):
     A value of 1 is uniform attention; the display starts there.
     """
 
-    def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.viewer = viewer
-        self.inputs = ModelInputs(viewer)
+    action = "Show attention maps"
+
+    def options(self) -> list:
         self.scale = QComboBox()
         self.scale.addItems(list(SCALES))
         self.head = QSpinBox()
@@ -41,17 +39,9 @@ class AttentionWidget(QWidget):
         form.addRow("Decoder scale", self.scale)
         form.addRow("Head", self.head)
         form.addRow(self.background)
-        self.run_button = button("Show attention maps", self.run)
-        self.runner = TaskRunner()
-        stack(self, self.inputs, form, self.run_button, self.runner)
-        self.last_layers: list = []
+        return [form]
 
-    def run(self) -> bool:
-        """Start computing the maps; False (with a message) if the choices are unusable."""
-        choices = self.inputs.read_or_say(self.runner.status)
-        if choices is None:
-            return False
-        layer, volume, modality, model_choice, device = choices
+    def make_task(self, layer, volume, modality, model_choice, device):
         scale = SCALES[self.scale.currentText()]
         head = None if self.head.value() < 0 else self.head.value()
         with_background = self.background.isChecked()
@@ -73,12 +63,7 @@ class AttentionWidget(QWidget):
             upper = {k: max(float(np.percentile(maps[k], UPPER_PERCENTILE)), 1.0 + 1e-3) for k in shown}
             return model, maps, upper
 
-        self.last_layers = []
-        started = self.runner.start(task, description=f"Attention maps of {layer.name}",
-                                    on_returned=lambda result: self._add_maps(context, *result),
-                                    on_finished=lambda: self.run_button.setEnabled(True))
-        self.run_button.setEnabled(not started)
-        return started
+        return f"Attention maps of {layer.name}", task, lambda result: self._add_maps(context, *result)
 
     def _add_maps(self, context: dict, model, maps: np.ndarray, upper: dict[int, float]) -> None:
         head = "heads averaged" if context["head"] is None else f"head {context['head']}"

@@ -2,54 +2,34 @@
 
 from __future__ import annotations
 
-import napari
 import numpy as np
-from qtpy.QtWidgets import QCheckBox, QWidget
+from qtpy.QtWidgets import QCheckBox
 
 from ..inference import predict_volume
 from ..models.store import load_model
-from ._widget_common import (
-    ModelInputs,
-    add_labels_layer,
-    button,
-    grid_kwargs,
-    intensity_colormap,
-    notify,
-    stack,
-    unique_layer_name,
-)
-from ._workers import TaskRunner
+from ._model_widget import ModelTaskWidget
+from ._widget_common import add_labels_layer, grid_kwargs, intensity_colormap, notify, unique_layer_name
 
 
-class SegmentWidget(QWidget):
+class SegmentWidget(ModelTaskWidget):
     """Choose an image, a model and a device; Segment runs in a worker, Cancel stops it.
 
     The result is a new Labels layer ``"<image> <model>"`` with the model's class names and
     colours; optionally one probability Image layer per class. No existing layer is changed.
     """
 
-    def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.viewer = viewer
-        self.inputs = ModelInputs(viewer)
+    action = "Segment"
+
+    def options(self) -> list:
         self.keep_largest = QCheckBox("Keep each class's largest piece")
         self.keep_largest.setChecked(True)
         self.keep_largest.setToolTip("Remove the islands a slice-wise model leaves elsewhere in the volume: "
                                      "each class keeps its largest connected component")
         self.probabilities = QCheckBox("Add per-class probability layers")
-        self.run_button = button("Segment", self.run)
-        self.runner = TaskRunner()
-        stack(self, self.inputs, self.keep_largest, self.probabilities, self.run_button, self.runner)
-        self.last_layers: list = []
+        return [self.keep_largest, self.probabilities]
 
-    def run(self) -> bool:
-        """Start segmenting the chosen image; False (with a message) if the choices are unusable."""
-        choices = self.inputs.read_or_say(self.runner.status)
-        if choices is None:
-            return False
-        layer, volume, modality, model_choice, device = choices
+    def make_task(self, layer, volume, modality, model_choice, device):
         with_probabilities, keep_largest = self.probabilities.isChecked(), self.keep_largest.isChecked()
-        # Everything the result needs is read now: the image layer may be renamed or removed meanwhile.
         context = {"image_name": layer.name, "grid": grid_kwargs(layer)}
 
         def task(progress, cancel):
@@ -62,12 +42,7 @@ class SegmentWidget(QWidget):
             present = np.bincount(prediction.labels.ravel(), minlength=len(model.classes)) > 0
             return model, prediction, present
 
-        self.last_layers = []
-        started = self.runner.start(task, description=f"Segmenting {layer.name}",
-                                    on_returned=lambda result: self._add_result(context, *result),
-                                    on_finished=self._finished)
-        self.run_button.setEnabled(not started)
-        return started
+        return f"Segmenting {layer.name}", task, lambda result: self._add_result(context, *result)
 
     def _add_result(self, context: dict, model, prediction, present) -> None:
         for warning in prediction.warnings:
@@ -89,6 +64,3 @@ class SegmentWidget(QWidget):
                 ))
         found = ", ".join(name for value, name in model.classes.items() if value and present[value]) or "nothing"
         self.runner.status.setText(f"Added {labels.name!r}: found {found}.")
-
-    def _finished(self) -> None:
-        self.run_button.setEnabled(True)

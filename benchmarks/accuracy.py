@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import json
 import platform
 import sys
 from pathlib import Path
@@ -146,8 +147,22 @@ def targets(reports: dict) -> list[str]:
     return lines + [""]
 
 
-def write_report(out: Path, variants: list[str], device=None) -> str:
+def _compute(name: str, training: dict) -> str:
+    """'best at <it> of <run's it> it, <min> min, <hardware>': the best checkpoint and the whole run."""
+    best, total, wall = training.get("iterations", "?"), training.get("iterations", "?"), training.get("wall_time_s", 0)
+    shipped = VARIANTS[name][4]
+    state = ROOT / "checkpoints" / shipped / "state.json" if shipped else RUNS / name / "state.json"
+    if state.is_file():
+        run = json.loads(state.read_text())
+        total, wall = run["iteration"], run["wall_time_s"]
+    return f"best at {best} of {total} it, {round(wall / 60)} min, {training.get('hardware', '?')}"
+
+
+def write_report(out: Path, variants: list[str], device=None, update_cards: bool = False) -> str:
     reports = {name: evaluate_variant(name, device) for name in variants if model_path(name) is not None}
+    if update_cards:
+        for path in update_shipped_cards(reports):
+            print(f"updated {path}", file=sys.stderr)
     lines = [
         "# Accuracy benchmark",
         "",
@@ -172,9 +187,7 @@ def write_report(out: Path, variants: list[str], device=None) -> str:
             if name not in reports:
                 summary_rows.append(f"| {name} | {desc} | not trained yet | | | |")
                 continue
-            tr = reports[name]["training"]
-            compute = (f"{tr.get('iterations', '?')} it, {round(tr.get('wall_time_s', 0) / 60)} min, "
-                       f"{tr.get('hardware', '?')}")
+            compute = _compute(name, reports[name]["training"])
             for source, both in reports[name]["results"].items():
                 summ, mean, raw = both["post"], both["post"]["mean"], both["raw"]["mean"]
                 summary_rows.append(
@@ -194,6 +207,41 @@ def write_report(out: Path, variants: list[str], device=None) -> str:
     return text
 
 
+def _rounded(mean: dict) -> dict:
+    return {k: round(float(mean[k]), 4) for k in ("dice", "hd95_mm", "asd_mm")}
+
+
+def update_shipped_cards(reports: dict) -> list[Path]:
+    """Write each shipped model's benchmark scores (post-processed and raw) into its card.json.
+
+    The card's ``val_scores`` stay those of training (raw output, which chose the checkpoint);
+    ``benchmark`` holds what a user gets with the card's post-processing, per val source.
+    """
+    written = []
+    for name, report in reports.items():
+        shipped = VARIANTS[name][4]
+        if not shipped:
+            continue
+        path = SHIPPED_DIR / shipped / "card.json"
+        card = json.loads(path.read_text())
+        card["benchmark"] = {
+            "generated_by": "python benchmarks/accuracy.py --update-cards",
+            "date": dt.date.today().isoformat(),
+            "postprocessing": {"keep_largest_component": True},
+            "val": {
+                source: {
+                    "mean": _rounded(both["post"]["mean"]),
+                    "raw_mean": _rounded(both["raw"]["mean"]),
+                    "dice_per_class": {row["class"]: round(float(row["dice"]), 4) for row in both["post"]["per_class"]},
+                }
+                for source, both in report["results"].items()
+            },
+        }
+        path.write_text(json.dumps(card, indent=2) + "\n")
+        written.append(path)
+    return written
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", nargs="*", metavar="VARIANT", help=f"train/resume variants: {', '.join(VARIANTS)}")
@@ -204,6 +252,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--only", nargs="*", help="evaluate only these variants")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--update-cards", action="store_true",
+                        help="also write the shipped models' benchmark scores into their card.json")
     args = parser.parse_args(argv)
     if args.train:
         import torch
@@ -220,7 +270,7 @@ def main(argv=None) -> int:
             train(cfg, RUNS / name, resume=True, device=args.device,
                   command=f"python benchmarks/accuracy.py --train {name}")
         return 0
-    text = write_report(Path(args.output), args.only or list(VARIANTS), args.device)
+    text = write_report(Path(args.output), args.only or list(VARIANTS), args.device, args.update_cards)
     print(text)
     return 0
 

@@ -9,7 +9,7 @@ APT_PKGS   := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcomm
               libxcb-image0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 \
               libegl1 libgl1 libglib2.0-0 libfontconfig1 libdbus-1-3
 
-.PHONY: setup sysdeps demo test test-fast benchmark train-more ship clean
+.PHONY: setup sysdeps demo test test-fast benchmark baselines train-more ship clean
 
 setup: $(VENV)/.installed
 
@@ -34,8 +34,14 @@ test: setup sysdeps
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not gui"
 
+# docs/benchmarks.md and the shipped cards' "benchmark" scores, from the val splits.
 benchmark: setup
-	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/accuracy.py --update-cards
+
+# Train (or resume) every baseline to the shipped model's iteration count (MINUTES each at most).
+BASELINES := sup-7 sup-3 sup-70 icl-3 ct-only mr-only joint
+baselines: setup
+	$(PY) benchmarks/accuracy.py --train $(BASELINES) --max-minutes $(MINUTES)
 
 # Continue the shipped models' training from the committed checkpoints (resumable; MINUTES each).
 MINUTES ?= 120

@@ -2,8 +2,9 @@
 
 Every variant is the shipped model's config with one change (method or labeled set), so all share
 the backbone, patch, batch and schedule. ``--train VARIANT ...`` trains (or resumes) variants under
-``runs/bench/<variant>``; without it the script evaluates every variant that has a model and lists
-the others as not trained. The two shipped models are evaluated from the package itself.
+``runs/bench/<variant>``, by default up to the iteration count of the shipped model of the same task
+(the same budget, the same LR schedule); without it the script evaluates every variant that has a
+model and lists the others as not trained. The shipped models are evaluated from the package itself.
 
     python benchmarks/accuracy.py                      # evaluate what exists, write docs/benchmarks.md
     python benchmarks/accuracy.py --train sup-7 --max-minutes 120   # train/resume one variant
@@ -73,6 +74,16 @@ def variant_config(name: str):
     raw = edit(copy.deepcopy(raw))
     raw["name"] = f"bench-{name}"
     return config_from_dict(raw, CONFIGS)
+
+
+def matched_budget(name: str) -> int | None:
+    """The iterations the shipped model of ``name``'s task was trained for (None if none is shipped)."""
+    task = VARIANTS[name][0]
+    for other, (other_task, *_, shipped) in VARIANTS.items():
+        card = SHIPPED_DIR / str(shipped) / "card.json"
+        if other_task == task and shipped and card.is_file():
+            return int(json.loads(card.read_text())["training"]["iterations"])
+    return None
 
 
 def model_path(name: str) -> Path | None:
@@ -247,7 +258,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train", nargs="*", metavar="VARIANT", help=f"train/resume variants: {', '.join(VARIANTS)}")
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--stop-at", type=int, default=None,
-                        help="stop at this iteration (schedule unchanged), to match another variant's budget")
+                        help="stop at this iteration (schedule unchanged); default: the iterations of the "
+                             "shipped model of the variant's task")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--only", nargs="*", help="evaluate only these variants")
@@ -265,7 +277,7 @@ def main(argv=None) -> int:
         for name in args.train:
             cfg = variant_config(name)
             cfg.max_minutes = args.max_minutes
-            cfg.stop_at = args.stop_at
+            cfg.stop_at = args.stop_at or matched_budget(name)
             print(f"training {name}: {VARIANTS[name][1]}", file=sys.stderr)
             train(cfg, RUNS / name, resume=True, device=args.device,
                   command=f"python benchmarks/accuracy.py --train {name}")

@@ -50,6 +50,10 @@ def _abdomen(method: str, modalities: tuple[str, ...]):
         raw["method"] = method
         raw["data"]["labeled"] = [s for s in raw["data"]["labeled"] if s["modality"] in modalities]
         raw["data"]["val"] = [s for s in raw["data"]["val"] if s["modality"] in modalities]
+        if method == "supervised" and len(modalities) > 1:
+            # EAM draws batch_size images of each modality per step; a joint batch of the same
+            # total is split evenly, so the joint baseline sees the same images per step
+            raw["batch_size"] = raw["batch_size"] * len(modalities)
         return raw
     return "abdomen-ct-mri.yaml", edit
 

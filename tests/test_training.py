@@ -120,6 +120,22 @@ def test_stop_at_pauses_without_changing_the_lr_schedule(toy_data, tmp_path):
     assert Trainer(cfg, tmp_path / "run", device="cpu", resume=True).fit().iterations == 6
 
 
+def test_rampup_scales_only_the_unlabeled_terms(toy_data, tmp_path):
+    cfg = _cfg(toy_data, "icl", iterations=8, rampup_iterations=4)
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    ramps = []
+    for it in (0, 2, 4, 6):
+        trainer.iteration = it
+        ramps.append(trainer._ramp())
+    assert ramps == pytest.approx([np.exp(-5), np.exp(-5 / 4), 1.0, 1.0])
+    torch.manual_seed(0)
+    batch = trainer.next_batch()
+    trainer.objective.ramp = 0.0
+    total, terms = trainer.objective(batch)
+    assert float(total) == pytest.approx(float(terms["seg"] + cfg.weights["aux"] * terms["aux"]), rel=1e-5)
+    assert Trainer(_cfg(toy_data, "icl"), tmp_path / "flat", device="cpu")._ramp() == 1.0  # the reference
+
+
 def test_config_errors_say_what_is_wrong(toy_data, tmp_path):
     with pytest.raises(ConsistentSegError, match="method must be"):
         _cfg(toy_data, "magic")

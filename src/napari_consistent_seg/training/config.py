@@ -51,6 +51,7 @@ class TrainConfig:
     val_every: int = 500
     checkpoint_every: int = 250
     max_minutes: float | None = None
+    rampup_iterations: int = 0  # 0: the reference (no ramp-up); else a sigmoid ramp of ICL's pse/cons, EAM's rep/corr
     keep_largest_component: bool = True  # inference post-processing written into the model card
     stop_at: int | None = None  # stop this call at this iteration; the LR schedule still spans `iterations`
     seed: int = 0

@@ -28,6 +28,7 @@ class Objective(nn.Module):
         self.modules_ = modules
         self.weights = dict(weights or {})
         self.aligned = list(aligned_classes)
+        self.ramp = 1.0  # factor on the unlabeled / cross-modality terms, set by the trainer each step
 
     def forward(self, batch: dict):
         return getattr(self, f"_{self.method}")(batch)
@@ -51,7 +52,8 @@ class Objective(nn.Module):
             "pse": losses.pseudo_label_loss(uscl_u.maps, out_u, out_u.logits),
             "cons": losses.map_consistency(uscl_u.maps, sspa_u.maps),
         }
-        total = terms["seg"] + w["aux"] * terms["aux"] + w["pse"] * terms["pse"] + w["cons"] * terms["cons"]
+        unsup = w["pse"] * terms["pse"] + w["cons"] * terms["cons"]
+        total = terms["seg"] + w["aux"] * terms["aux"] + self.ramp * unsup
         return total, {k: v.detach() for k, v in terms.items()}
 
     def _eam(self, batch):
@@ -74,5 +76,6 @@ class Objective(nn.Module):
             "rep": torch.stack(rep_terms).mean(),
             "corr": torch.stack(corr_terms).mean(),
         }
-        total = terms["seg"] + w["map"] * terms["map"] + w["rep"] * terms["rep"] + w["corr"] * terms["corr"]
+        align = w["rep"] * terms["rep"] + w["corr"] * terms["corr"]
+        total = terms["seg"] + w["map"] * terms["map"] + self.ramp * align
         return total, {k: v.detach() for k, v in terms.items()}

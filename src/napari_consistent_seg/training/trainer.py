@@ -9,6 +9,7 @@ Runs unchanged under ``torchrun`` (DDP: gloo on CPU, NCCL on CUDA); rank 0 evalu
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -239,6 +240,13 @@ class Trainer:
     def _lr(self) -> float:
         return self.cfg.lr * (1 - min(self.iteration, self.cfg.iterations - 1) / self.cfg.iterations) ** 0.9
 
+    def _ramp(self) -> float:
+        """exp(-5 (1 - t)^2), t = iteration / rampup_iterations capped at 1 (Laine & Aila); 1 without ramp-up."""
+        if self.cfg.rampup_iterations <= 0:
+            return 1.0
+        t = min(self.iteration / self.cfg.rampup_iterations, 1.0)
+        return math.exp(-5.0 * (1.0 - t) ** 2)
+
     def fit(self, progress=None, cancel=None) -> TrainResult:
         """Train until ``cfg.iterations`` (or ``cfg.stop_at``, ``cfg.max_minutes`` of this call, or ``cancel``).
 
@@ -266,6 +274,7 @@ class Trainer:
                 break
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr()
+            self.objective.ramp = self._ramp()
             batch = self.next_batch()
             with torch.autocast("cuda", dtype=torch.float16, enabled=scaler is not None):
                 loss, terms = self.model(batch)

@@ -155,6 +155,13 @@ def test_config_errors_say_what_is_wrong(toy_data, tmp_path):
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.labeled and cfg.val and cfg.iterations > 0
+    assert Path(cfg.data_root).resolve() == (Path(__file__).resolve().parents[2] / "shared" / "data").resolve()
+
+
 def _acdc_config(shared_data, method, iterations):
     data = {
         "root": str(shared_data),

@@ -83,9 +83,9 @@ def variant_config(name: str):
 def matched_budget(name: str) -> int | None:
     """The iterations the shipped model of ``name``'s task was trained for (None if none is shipped)."""
     task = VARIANTS[name][0]
-    for other, (other_task, *_, shipped) in VARIANTS.items():
-        card = SHIPPED_DIR / str(shipped) / "card.json"
-        if other_task == task and shipped and card.is_file():
+    for other_task, *_, shipped in VARIANTS.values():
+        card = SHIPPED_DIR / shipped / "card.json" if shipped else None
+        if other_task == task and card is not None and card.is_file():
             return int(json.loads(card.read_text())["training"]["iterations"])
     return None
 
@@ -168,7 +168,8 @@ def targets(reports: dict) -> list[str]:
 
 def _compute(name: str, training: dict) -> str:
     """'best at <it> of <run's it> it, <min> min, <hardware>': the best checkpoint and the whole run."""
-    best, total, wall = training.get("iterations", "?"), training.get("iterations", "?"), training.get("wall_time_s", 0)
+    best = total = training.get("iterations", "?")
+    wall = training.get("wall_time_s", 0)
     shipped = VARIANTS[name][4]
     state = ROOT / "checkpoints" / shipped / "state.json" if shipped else RUNS / name / "state.json"
     if state.is_file():

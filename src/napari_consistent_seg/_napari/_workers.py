@@ -8,6 +8,7 @@ yields intermediate results (delivered on the main thread) and returns its resul
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
@@ -194,31 +195,31 @@ class TaskRunner(QWidget):
         self.cancel_button.setEnabled(False)
 
 
+@contextlib.contextmanager
+def _one_core_left():
+    """torch on all cores but one in this thread (OpenMP's count is per thread), restored after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, previous - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _leaving_a_core_to_the_gui(task: Callable) -> Callable:
     """``task`` running torch on all cores but one, so the Qt main thread keeps a core to draw.
 
     torch's OpenMP thread count is per calling thread: the main thread and other workers keep theirs.
     """
-    import torch
-
-    def threads() -> int:
-        return max(1, torch.get_num_threads() - 1)
-
     if inspect.isgeneratorfunction(task):
         def generator(*args):
-            previous = torch.get_num_threads()
-            torch.set_num_threads(threads())
-            try:
+            with _one_core_left():
                 return (yield from task(*args))
-            finally:
-                torch.set_num_threads(previous)
         return generator
 
     def function(*args):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads())
-        try:
+        with _one_core_left():
             return task(*args)
-        finally:
-            torch.set_num_threads(previous)
     return function

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QSpinBox
+from qtpy.QtWidgets import QCheckBox, QFormLayout
 
 from ..errors import ConsistentSegError
 from ..inference import attention_maps
 from ..models.store import load_model
 from ._model_widget import ModelTaskWidget
-from ._widget_common import grid_kwargs, intensity_colormap, unique_layer_name
+from ._widget_common import combo, grid_kwargs, intensity_colormap, spin_box, unique_layer_name
 
 SCALES = {"0: deepest (1/8 resolution)": 0, "1: middle (1/4)": 1, "2: finest (1/2)": 2}
 # Display from uniform attention (1) up to this percentile of the map: colour = "looks here more".
@@ -27,13 +27,8 @@ class AttentionWidget(ModelTaskWidget):
     action = "Show attention maps"
 
     def options(self) -> list:
-        self.scale = QComboBox()
-        self.scale.addItems(list(SCALES))
-        self.head = QSpinBox()
-        self.head.setRange(-1, 63)
-        self.head.setValue(-1)
-        self.head.setSpecialValueText("average of heads")
-        self.head.setToolTip("One attention head (0, 1, ...) or the average of all heads")
+        self.scale = combo(SCALES)
+        self.head = spin_box(-1, 63, -1, "average of heads", "One attention head (0, 1, ...) or the average of all heads")
         self.background = QCheckBox("Include background")
         form = QFormLayout()
         form.addRow("Decoder scale", self.scale)

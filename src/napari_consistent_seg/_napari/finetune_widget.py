@@ -10,7 +10,7 @@ import napari
 import numpy as np
 import torch._dynamo  # noqa: F401  (see below)
 from napari.layers import Labels
-from qtpy.QtWidgets import QFormLayout, QLabel, QLineEdit, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFormLayout, QLabel, QLineEdit, QWidget
 
 from ..errors import ConsistentSegError
 from ..inference import predict_volume
@@ -26,6 +26,7 @@ from ._widget_common import (
     notify,
     row,
     spin_box,
+    stack,
     unique_layer_name,
 )
 from ._workers import TaskRunner
@@ -71,11 +72,8 @@ class FinetuneWidget(QWidget):
         self.save_button = button("Save as", lambda: self.save_as(self.save_name.text().strip()),
                                   "Save the fine-tuned model as a user model, listed in every widget")
         self.loss = QLabel("")
-        layout = QVBoxLayout(self)
-        for item in (self.inputs, form, self.train_button, self.runner, self.loss,
-                     row(self.accept_button, self.revert_button), row(self.save_name, self.save_button)):
-            (layout.addLayout if not isinstance(item, QWidget) else layout.addWidget)(item)
-        layout.addStretch(1)
+        stack(self, self.inputs, form, self.train_button, self.runner, self.loss,
+              row(self.accept_button, self.revert_button), row(self.save_name, self.save_button))
         self.tuner = None  # the ICLFinetuner of the last run; None = no fine-tuned weights
         self.steps_done = 0
         self.losses: list[float] = []

@@ -72,9 +72,11 @@ VARIANTS = {
 }
 
 
-def variant_config(name: str):
+def variant_config(name: str, overrides: dict | None = None):
+    """The variant's config; ``overrides`` replace top-level keys of the base config first."""
     _, _, base, edit, _ = VARIANTS[name]
     raw = yaml.safe_load((CONFIGS / base).read_text())
+    raw.update(overrides or {})
     raw = edit(copy.deepcopy(raw))
     raw["name"] = f"bench-{name}"
     return config_from_dict(raw, CONFIGS)
@@ -271,6 +273,11 @@ def main(argv=None) -> int:
     parser.add_argument("--stop-at", type=int, default=None,
                         help="stop at this iteration (schedule unchanged); default: the iterations of the "
                              "shipped model of the variant's task")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="with --train: replace top-level keys of the base config (YAML values), e.g. "
+                             "iterations=12000 rampup_iterations=1200; a new iterations also runs the whole "
+                             "schedule unless --stop-at is given")
+    parser.add_argument("--runs-dir", default=str(RUNS), help="with --train: where the variants' run folders go")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--only", nargs="*", help="evaluate only these variants")
@@ -285,13 +292,20 @@ def main(argv=None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
+        overrides = {}
+        for item in args.overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"--set wants KEY=VALUE, got {item!r}")
+            overrides[key] = yaml.safe_load(value)
         for name in args.train:
-            cfg = variant_config(name)
+            cfg = variant_config(name, overrides)
             cfg.max_minutes = args.max_minutes
-            cfg.stop_at = args.stop_at or matched_budget(name)
+            cfg.stop_at = args.stop_at or (None if "iterations" in overrides else matched_budget(name))
             print(f"training {name}: {VARIANTS[name][1]}", file=sys.stderr)
-            train(cfg, RUNS / name, resume=True, device=args.device,
-                  command=f"python benchmarks/accuracy.py --train {name}")
+            extra = " --set " + " ".join(args.overrides) if args.overrides else ""
+            train(cfg, Path(args.runs_dir) / name, resume=True, device=args.device,
+                  command=f"python benchmarks/accuracy.py --train {name}{extra}")
         return 0
     text = write_report(Path(args.output), args.only or list(VARIANTS), args.device, args.update_cards)
     print(text)

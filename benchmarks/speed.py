@@ -21,14 +21,17 @@ from napari_consistent_seg.models.store import load_model
 from napari_consistent_seg.models.unet import count_parameters
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+def _median_time(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn``; on CUDA each call is synchronised, since kernels run asynchronously."""
+    def timed():
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    timed()  # warm-up
+    return float(np.median([timed() for _ in range(repeats)]))
 
 
 def main(argv=None) -> int:
@@ -52,11 +55,11 @@ def main(argv=None) -> int:
             out = model.backbone(x, return_features=True)
             model.modules.attend(out.features)
 
-    t_stripped = _median_time(stripped, args.repeats)
-    t_full = _median_time(with_modules, args.repeats)
+    t_stripped = _median_time(stripped, args.repeats, device)
+    t_full = _median_time(with_modules, args.repeats, device)
     image, _ = make_phantom("MR")
     t_volume = _median_time(lambda: predict_volume(model, image.data, spacing_mm=image.spacing_mm,
-                                                   modality="MR", device=device), max(1, args.repeats // 2))
+                                                   modality="MR", device=device), max(1, args.repeats // 2), device)
     print(f"# Speed ({platform.processor() or platform.machine()}, torch {torch.__version__}, device {device}, "
           f"{torch.get_num_threads()} threads)\n")
     print("| measure | value |\n|---|---|")

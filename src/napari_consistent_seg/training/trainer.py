@@ -152,9 +152,12 @@ class Trainer:
         self.n_unlabeled_slices = len(self.unlabeled_stream) if self.unlabeled_stream else 0
 
     def _draw(self, stream: SliceStream, batch_size: int, labeled: bool = True):
+        """A sampled batch, moved to the device first so the augmentation runs there (the random
+        draws still come from the CPU generator, so CPU and GPU runs see the same transforms)."""
         images, labels = stream.sample(batch_size)
-        images, labels = self.augment(images, labels if labeled else None, self.generator)
-        return images.to(self.device), (labels.to(self.device) if labels is not None else None)
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True) if labeled and labels is not None else None
+        return self.augment(images, labels, self.generator)
 
     def next_batch(self) -> dict:
         cfg = self.cfg
@@ -220,7 +223,8 @@ class Trainer:
                 "iterations": self.iteration,
                 "iterations_planned": cfg.iterations,
                 "wall_time_s": round(self.wall_time_s, 1),
-                "hardware": f"{platform.machine()} {os.cpu_count()} cpu; device {self.device}; world size {self.world}",
+                "hardware": f"{platform.machine()} {os.cpu_count()} cpu; device {self.device}{self._device_name()}; "
+                            f"world size {self.world}",
                 "torch": torch.__version__,
                 "command": self.commands[0],
                 "commands": self.commands,
@@ -235,6 +239,9 @@ class Trainer:
             },
             "val_scores": scores or {},
         }
+
+    def _device_name(self) -> str:
+        return f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""
 
     # ---- loop -------------------------------------------------------------------------------
     def _lr(self) -> float:
@@ -259,7 +266,13 @@ class Trainer:
         deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
         stopped_early = False
         self.objective.train()
-        scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
+        # mixed precision on CUDA: bf16 where the card has it (no loss scaling, no fp16 overflow in
+        # the attention losses), else fp16 with a gradient scaler; CPU stays in fp32
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+        scaler = torch.amp.GradScaler("cuda") if cuda and not bf16 else None
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # fixed patch size: tune the convolutions once
         running: dict[str, float] = {}
         start_wall = time.monotonic()
         end = min(cfg.iterations, cfg.stop_at or cfg.iterations)
@@ -276,7 +289,7 @@ class Trainer:
                 group["lr"] = self._lr()
             self.objective.ramp = self._ramp()
             batch = self.next_batch()
-            with torch.autocast("cuda", dtype=torch.float16, enabled=scaler is not None):
+            with torch.autocast("cuda", dtype=torch.bfloat16 if bf16 else torch.float16, enabled=cuda):
                 loss, terms = self.model(batch)
             self.optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -287,7 +300,9 @@ class Trainer:
                 loss.backward()
                 self.optimizer.step()
             self.iteration += 1
-            logs = {"loss": float(loss.detach()), **{k: float(v) for k, v in terms.items()}}
+            # one device-to-host copy for all terms: a float() per term would sync the GPU each time
+            values = torch.stack([loss.detach().float(), *(v.float() for v in terms.values())]).tolist()
+            logs = dict(zip(["loss", *terms], values))
             for k, v in logs.items():
                 running[k] = 0.98 * running.get(k, v) + 0.02 * v
             if self.rank == 0 and progress is not None:

@@ -55,6 +55,14 @@ def test_predict_a_nifti_file_on_its_grid_and_affine(shared_data, ct_model, tmp_
     assert labels.dtype == np.uint8 and labels.max() <= 3
 
 
+def test_predict_reports_voxels_where_the_file_lost_its_voxel_size(shared_data, tmp_path, capsys):
+    source = shared_data / "acdc" / "images" / "patient028_frame01.nii.gz"  # identity affine
+    mr_model = save_tiny(tmp_path / "tiny-mr", name="tiny-mr", modules=None)
+    code, out, err = _run(capsys, "predict", "--model", mr_model, "--modality", "MR", "-o", tmp_path / "out", source)
+    assert code == 0, err
+    assert "voxels" in out and " ml" not in out
+
+
 def test_predict_a_folder_of_nifti_files(toy_data, tmp_path, capsys):
     model = save_tiny(tmp_path / "tiny-mr", name="tiny-mr", modules=None)
     inputs = toy_data / "toy_mr" / "images"

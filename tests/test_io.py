@@ -60,6 +60,7 @@ def test_acdc_identity_affine_is_flipped_to_lps(shared_data):
     assert raw.shape == (224, 256, 10) and np.allclose(affine, np.eye(4))
     np.testing.assert_array_equal(volume.data, raw[::-1, ::-1, :].transpose(2, 1, 0))
     assert volume.shape == (10, 256, 224) and volume.spacing_mm == (1.0, 1.0, 1.0)
+    assert not volume.geometry.spacing_known  # the 1 mm is an assumption: sizes go out in voxels
     assert not volume.is_label and volume.meta["format"] == "nifti"
     _assert_same_voxels_in_world(volume, raw, affine)
 
@@ -70,6 +71,7 @@ def test_chaos_t2_las_anisotropic(shared_data):
     assert nib.aff2axcodes(affine) == ("L", "A", "S")
     np.testing.assert_array_equal(volume.data, raw[:, ::-1, :].transpose(2, 1, 0))
     np.testing.assert_allclose(volume.spacing_mm, (7.7, 1.25, 1.25), atol=1e-3)
+    assert volume.geometry.spacing_known and Geometry.from_spacing((1.0, 1.0, 1.0)).spacing_known
     assert volume.modality == "MR" and volume.data.dtype == raw.dtype
     _assert_same_voxels_in_world(volume, raw, affine)
 

@@ -83,6 +83,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 def cmd_predict(args) -> int:
     from .inference import predict_volume
     from .io import load_volume, save_nifti
+    from .metrics import class_sizes
     from .models.store import load_model
 
     model = load_model(args.model, with_modules=False)
@@ -112,10 +113,8 @@ def cmd_predict(args) -> int:
             print(f"warning: {path.name}: {warning}", file=sys.stderr)
         target = outdir / f"{_nifti_stem(path)}.nii.gz"
         save_nifti(pred.labels, volume.geometry, target, is_label=True)
-        voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
-        volumes = {name: round(float((pred.labels == k).sum()) * voxel_ml, 1)
-                   for k, name in model.classes.items() if k > 0}
-        print(f"{target}\t" + "\t".join(f"{n}={v} ml" for n, v in volumes.items()))
+        sizes = class_sizes(pred.labels, model.classes, volume.spacing_mm if volume.geometry.spacing_known else None)
+        print(f"{target}\t" + "\t".join(f"{n}={v}" for n, v in sizes.items()))
     return 1 if failures else 0
 
 

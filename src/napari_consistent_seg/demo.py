@@ -16,7 +16,7 @@ import numpy as np
 from .errors import ConsistentSegError
 from .inference import predict_volume
 from .io import load_volume, make_phantom, save_nifti
-from .metrics import dice
+from .metrics import class_sizes, dice
 from .models.store import Model, load_model
 from .training.data import map_labels
 
@@ -49,12 +49,13 @@ def _label_map_for(model: Model, dataset: str) -> dict | None:
 
 
 def _report(model: Model, labels: np.ndarray, spacing_mm, reference: np.ndarray | None, mask=None) -> str:
-    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    """Per-class size (ml, or voxels where ``spacing_mm`` is None) and Dice where a reference exists."""
+    sizes = class_sizes(labels, model.classes, spacing_mm)
     lines = []
     for k, name in model.classes.items():
         if k == 0:
             continue
-        text = f"    {name:16s} {float((labels == k).sum()) * voxel_ml:8.1f} ml"
+        text = f"    {name:16s} {sizes[name]:>14s}"
         if reference is not None:
             pred, ref = (labels, reference) if mask is None else (labels[mask], reference[mask])
             text += f"   Dice {100 * dice(pred, ref, k):5.1f} %"
@@ -68,11 +69,13 @@ def _segment_file(model: Model, path: Path, output: Path, device, reference: np.
     pred = predict_volume(model, volume.data, spacing_mm=volume.spacing_mm, modality=volume.modality, device=device)
     stem = path.name.split(".nii")[0]
     target = save_nifti(pred.labels, volume.geometry, output / f"{stem}_{model.name}.nii.gz")
-    print(f"{path.name} ({volume.modality}, {volume.shape}, spacing {tuple(round(s, 2) for s in volume.spacing_mm)} mm)"
-          f" -> {target}")
+    known = volume.geometry.spacing_known
+    spacing = f"spacing {tuple(round(s, 2) for s in volume.spacing_mm)} mm" if known else \
+        "identity affine: voxel size unknown, sizes in voxels"
+    print(f"{path.name} ({volume.modality}, {volume.shape}, {spacing}) -> {target}")
     for w in pred.warnings:
         print(f"    warning: {w}")
-    print(_report(model, pred.labels, volume.spacing_mm, reference))
+    print(_report(model, pred.labels, volume.spacing_mm if known else None, reference))
 
 
 def _phantom_demo(output: Path, device, steps: int = 40) -> None:

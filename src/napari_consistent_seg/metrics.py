@@ -49,6 +49,18 @@ def asd_mm(pred_mask, ref_mask, spacing_mm: Sequence[float]) -> float:
     return _asd(_checked_surface_distances(pred_mask, ref_mask, spacing_mm))
 
 
+def class_sizes(labels: np.ndarray, classes: Mapping[int, str], spacing_mm: Sequence[float] | None) -> dict[str, str]:
+    """Each foreground class's size as text: ml from ``spacing_mm``, or a voxel count where it is None
+    (a volume whose voxel size is unknown)."""
+    sizes = {}
+    for k, name in classes.items():
+        if k == 0:
+            continue
+        count = int((labels == k).sum())
+        sizes[name] = f"{count} voxels" if spacing_mm is None else f"{count * float(np.prod(spacing_mm)) / 1000.0:.1f} ml"
+    return sizes
+
+
 def evaluate_labels(pred, ref, classes: Mapping[int, str], spacing_mm: Sequence[float]) -> list[dict]:
     """Score each class of two label arrays of one shape, (Z, Y, X) or (Y, X), voxel spacing in mm.
 

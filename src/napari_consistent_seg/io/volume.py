@@ -86,6 +86,12 @@ class Geometry:
         return cls.from_source_grid(source_affine, source_shape)
 
     @property
+    def spacing_known(self) -> bool:
+        """False for an identity source affine, the mark of a file that lost its voxel size (acdc):
+        its 1 mm spacing is an assumption, so sizes in mm or ml would be made up."""
+        return not np.allclose(self.source_affine, np.eye(4))
+
+    @property
     def shape_zyx(self) -> tuple[int, int, int] | None:
         """Canonical array shape (Z, Y, X), or None when the geometry is spacing only."""
         if self.source_shape is None:

@@ -44,10 +44,12 @@ baselines: setup
 	$(PY) benchmarks/accuracy.py --train $(BASELINES) --max-minutes $(MINUTES)
 
 # Continue the shipped models' training from the committed checkpoints (resumable; MINUTES each).
+# cardiac-cine-mri finished its 8,000-iteration schedule on a GPU; its optimizer state is not kept.
 MINUTES ?= 120
 SHIPPED := cardiac-cine-mri abdomen-ct-mri
+RESUMABLE := abdomen-ct-mri
 train-more: setup
-	for m in $(SHIPPED); do \
+	for m in $(RESUMABLE); do \
 	  $(VENV)/bin/consistent-seg train configs/$$m.yaml --run-dir checkpoints/$$m --resume --max-minutes $(MINUTES) || exit 1; \
 	done
 

@@ -100,6 +100,13 @@ def test_resume_continues_from_the_stopped_iteration_with_the_same_optimizer_sta
     assert [json.loads(line)["iteration"] for line in lines] == [2, 4, 6]
 
 
+def test_resume_without_the_optimizer_state_says_so(toy_data, tmp_path):
+    Trainer(_cfg(toy_data, iterations=2), tmp_path / "run", device="cpu").fit()
+    (tmp_path / "run" / STATE_TENSORS).unlink()  # a finished run kept without its optimizer state
+    with pytest.raises(ConsistentSegError, match="cannot be resumed"):
+        Trainer(_cfg(toy_data), tmp_path / "run", device="cpu", resume=True)
+
+
 def test_max_minutes_stops_early_and_resumably(toy_data, tmp_path):
     result = Trainer(_cfg(toy_data, max_minutes=1e-6), tmp_path / "run", device="cpu").fit()
     assert result.stopped_early and result.iterations == 0

@@ -189,6 +189,10 @@ class Trainer:
         (self.run_dir / STATE_JSON).write_text(json.dumps(meta, indent=1, default=float))
 
     def _load_state(self) -> None:
+        if not (self.run_dir / STATE_TENSORS).is_file():
+            raise ConsistentSegError(
+                f"{self.run_dir} has {STATE_JSON} but no {STATE_TENSORS} (a finished run kept without its "
+                "optimizer state?): it cannot be resumed; train without --resume or into another folder")
         meta = json.loads((self.run_dir / STATE_JSON).read_text())
         tensors = load_file(str(self.run_dir / STATE_TENSORS))
         own = {k[len("objective."):]: v for k, v in tensors.items() if k.startswith("objective.")}

@@ -113,7 +113,7 @@ def cmd_predict(args) -> int:
             print(f"warning: {path.name}: {warning}", file=sys.stderr)
         target = outdir / f"{_nifti_stem(path)}.nii.gz"
         save_nifti(pred.labels, volume.geometry, target, is_label=True)
-        sizes = class_sizes(pred.labels, model.classes, volume.spacing_mm if volume.geometry.spacing_known else None)
+        sizes = class_sizes(pred.labels, model.classes, volume.geometry)
         print(f"{target}\t" + "\t".join(f"{n}={v}" for n, v in sizes.items()))
     return 1 if failures else 0
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ConsistentSegError
 from .inference import predict_volume
-from .io import load_volume, make_phantom, save_nifti
+from .io import Geometry, load_volume, make_phantom, save_nifti
 from .metrics import class_sizes, dice
 from .models.store import Model, load_model
 from .training.data import map_labels
@@ -48,9 +48,9 @@ def _label_map_for(model: Model, dataset: str) -> dict | None:
     return None
 
 
-def _report(model: Model, labels: np.ndarray, spacing_mm, reference: np.ndarray | None, mask=None) -> str:
-    """Per-class size (ml, or voxels where ``spacing_mm`` is None) and Dice where a reference exists."""
-    sizes = class_sizes(labels, model.classes, spacing_mm)
+def _report(model: Model, labels: np.ndarray, geometry: Geometry, reference: np.ndarray | None, mask=None) -> str:
+    """Per-class size (ml, or voxels where the geometry lacks a voxel size) and Dice where a reference exists."""
+    sizes = class_sizes(labels, model.classes, geometry)
     lines = []
     for k, name in model.classes.items():
         if k == 0:
@@ -69,13 +69,12 @@ def _segment_file(model: Model, path: Path, output: Path, device, reference: np.
     pred = predict_volume(model, volume.data, spacing_mm=volume.spacing_mm, modality=volume.modality, device=device)
     stem = path.name.split(".nii")[0]
     target = save_nifti(pred.labels, volume.geometry, output / f"{stem}_{model.name}.nii.gz")
-    known = volume.geometry.spacing_known
-    spacing = f"spacing {tuple(round(s, 2) for s in volume.spacing_mm)} mm" if known else \
+    spacing = f"spacing {tuple(round(s, 2) for s in volume.spacing_mm)} mm" if volume.geometry.spacing_known else \
         "identity affine: voxel size unknown, sizes in voxels"
     print(f"{path.name} ({volume.modality}, {volume.shape}, {spacing}) -> {target}")
     for w in pred.warnings:
         print(f"    warning: {w}")
-    print(_report(model, pred.labels, volume.spacing_mm if known else None, reference))
+    print(_report(model, pred.labels, volume.geometry, reference))
 
 
 def _phantom_demo(output: Path, device, steps: int = 40) -> None:
@@ -97,9 +96,9 @@ def _phantom_demo(output: Path, device, steps: int = 40) -> None:
     unpainted[painted_slices] = False
     target = save_nifti(after.labels, image.geometry, output / "synthetic_ct_phantom_finetuned.nii.gz")
     print(f"phantom -> {target}\n  before fine-tuning (Dice on unpainted slices):")
-    print(_report(model, before.labels, image.spacing_mm, labels.data, unpainted))
+    print(_report(model, before.labels, image.geometry, labels.data, unpainted))
     print("  after fine-tuning:")
-    print(_report(model, after.labels, image.spacing_mm, labels.data, unpainted))
+    print(_report(model, after.labels, image.geometry, labels.data, unpainted))
 
 
 def run_demo(inputs: list[str], *, output: Path, device=None, model_name: str = "abdomen-ct-mri") -> int:

@@ -9,12 +9,16 @@ import csv
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .errors import ShapeMismatchError
+
+if TYPE_CHECKING:
+    from .io import Geometry
 
 METRIC_KEYS = ("dice", "hd95_mm", "asd_mm")
 
@@ -49,15 +53,16 @@ def asd_mm(pred_mask, ref_mask, spacing_mm: Sequence[float]) -> float:
     return _asd(_checked_surface_distances(pred_mask, ref_mask, spacing_mm))
 
 
-def class_sizes(labels: np.ndarray, classes: Mapping[int, str], spacing_mm: Sequence[float] | None) -> dict[str, str]:
-    """Each foreground class's size as text: ml from ``spacing_mm``, or a voxel count where it is None
-    (a volume whose voxel size is unknown)."""
+def class_sizes(labels: np.ndarray, classes: Mapping[int, str], geometry: Geometry) -> dict[str, str]:
+    """Each foreground class's size as text: ml from the voxel size, or a voxel count where
+    ``geometry`` does not know it (``Geometry.spacing_known``: an identity affine, as in acdc)."""
+    voxel_ml = float(np.prod(geometry.spacing_mm)) / 1000.0 if geometry.spacing_known else None
     sizes = {}
     for k, name in classes.items():
         if k == 0:
             continue
         count = int((labels == k).sum())
-        sizes[name] = f"{count} voxels" if spacing_mm is None else f"{count * float(np.prod(spacing_mm)) / 1000.0:.1f} ml"
+        sizes[name] = f"{count} voxels" if voxel_ml is None else f"{count * voxel_ml:.1f} ml"
     return sizes
 
 

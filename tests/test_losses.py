@@ -119,6 +119,34 @@ def test_pseudo_label_loss_zero_when_maps_follow_the_backbone_and_backbone_is_st
     assert other.grad is not None and logits.grad is None
 
 
+def test_confidence_mask_keeps_only_sure_pixels_and_masked_terms_ignore_the_rest():
+    torch.manual_seed(0)
+    logits = 0.1 * torch.randn(2, 3, 8, 8)  # the bottom half is unsure
+    logits[:, :, :4] = 20.0 * F.one_hot(torch.randint(0, 3, (2, 4, 8)), 3).movedim(-1, 1)  # the top half sure
+    assert losses.confidence_mask(logits, 0.0) is None
+    mask = losses.confidence_mask(logits, 0.9)
+    assert mask.shape == (2, 1, 8, 8) and mask[:, :, :4].all()
+    assert torch.equal(mask[:, 0], (logits.softmax(1).amax(1) >= 0.9).float())
+    out = _identity_grid(logits)
+    maps = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
+    ones = torch.ones(2, 1, 8, 8)
+    # an all-ones mask is the unmasked loss
+    assert torch.allclose(losses.pseudo_label_loss(maps, out, logits, ones), losses.pseudo_label_loss(maps, out, logits))
+    others = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
+    assert torch.allclose(losses.map_consistency(maps, others, ones), losses.map_consistency(maps, others))
+    # what happens outside the mask does not count (the coarse scale sees the top half as rows 0-1)
+    top = torch.zeros(2, 1, 8, 8)
+    top[:, :, :4] = 1
+    changed = [m.clone() for m in maps]
+    changed[0][:, :, 4:] = torch.randn(2, 3, 4, 8)
+    changed[1][:, :, 2:] = torch.randn(2, 3, 2, 4)
+    assert torch.allclose(losses.map_consistency(maps, others, top), losses.map_consistency(changed, others, top))
+    assert torch.allclose(losses.pseudo_label_loss(maps[:1], out, logits, top),
+                          losses.pseudo_label_loss(changed[:1], out, logits, top))
+    assert not torch.allclose(losses.map_consistency(maps, others), losses.map_consistency(changed, others))
+    assert losses.map_consistency(maps, others, torch.zeros(2, 1, 8, 8)).item() == 0.0
+
+
 # ---- objectives ------------------------------------------------------------------------------
 def _batch(method, b=2, size=(40, 36), k=4, seed=0):
     g = torch.Generator().manual_seed(seed)

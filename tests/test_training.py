@@ -127,6 +127,28 @@ def test_stop_at_pauses_without_changing_the_lr_schedule(toy_data, tmp_path):
     assert Trainer(cfg, tmp_path / "run", device="cpu", resume=True).fit().iterations == 6
 
 
+def test_init_from_starts_from_a_saved_model_and_resume_still_wins(toy_data, tmp_path):
+    Trainer(_cfg(toy_data, "icl"), tmp_path / "first", device="cpu").fit()
+    source = load_model(tmp_path / "first" / "last")
+    cfg = _cfg(toy_data, "icl", seed=7, init_from=str(tmp_path / "first" / "last"))
+    second = Trainer(cfg, tmp_path / "second", device="cpu")
+    for name, part in (("backbone", source.backbone), ("modules", source.modules)):
+        mine = getattr(second, name).state_dict()
+        assert all(torch.equal(v, mine[k]) for k, v in part.state_dict().items()), name
+    # a supervised model under ICL: the backbone is copied, the modules keep their own init
+    Trainer(_cfg(toy_data), tmp_path / "sup", device="cpu").fit()
+    mixed = Trainer(_cfg(toy_data, "icl", init_from=str(tmp_path / "sup" / "last")), tmp_path / "mixed", device="cpu")
+    assert mixed.modules is not None
+    second.fit(cancel=lambda: second.iteration >= 2)
+    resumed = Trainer(cfg, tmp_path / "second", device="cpu", resume=True)
+    assert resumed.iteration == 2
+    assert all(torch.equal(a, b) for a, b in zip(second.objective.state_dict().values(),
+                                                   resumed.objective.state_dict().values()))
+    wrong = _cfg(toy_data, "icl", init_from=str(tmp_path / "first" / "last"), channels=[8, 16, 32, 64, 128])
+    with pytest.raises(ConsistentSegError, match="does not fit"):
+        Trainer(wrong, tmp_path / "wrong", device="cpu")
+
+
 def test_rampup_scales_only_the_unlabeled_terms(toy_data, tmp_path):
     cfg = _cfg(toy_data, "icl", iterations=8, rampup_iterations=4)
     trainer = Trainer(cfg, tmp_path / "run", device="cpu")

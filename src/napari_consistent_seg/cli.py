@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"method": args.method, "iterations": args.iterations, "max_minutes": args.max_minutes,
-                 "stop_at": args.stop_at, "seed": args.seed}
+                 "stop_at": args.stop_at, "seed": args.seed, "init_from": args.init_from}
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
     command = "consistent-seg " + " ".join(sys.argv[1:])
@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, help="stop (resumably) after this many minutes")
     p.add_argument("--stop-at", type=int, help="stop (resumably) at this iteration; the LR schedule is unchanged")
     p.add_argument("--seed", type=int)
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="start from this model's weights (a name or folder) instead of a random init")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.set_defaults(func=cmd_train)

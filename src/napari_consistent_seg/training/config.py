@@ -52,7 +52,13 @@ class TrainConfig:
     checkpoint_every: int = 250
     max_minutes: float | None = None
     rampup_iterations: int = 0  # 0: the reference (no ramp-up); else a sigmoid ramp of ICL's pse/cons, EAM's rep/corr
+    # ICL: pse and cons only over unlabeled pixels where the backbone's softmax peaks at >= this
+    # (0: every pixel, as in the reference)
+    confidence_threshold: float = 0.0
     keep_largest_component: bool = True  # inference post-processing written into the model card
+    # start from a model's weights (a shipped or user model name, or a model folder) instead of a
+    # random init: the backbone, and the modules too when the model has them and the method uses them
+    init_from: str | None = None
     stop_at: int | None = None  # stop this call at this iteration; the LR schedule still spans `iterations`
     seed: int = 0
     description: str = ""

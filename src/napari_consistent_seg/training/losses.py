@@ -16,6 +16,7 @@ from monai.losses import DiceCELoss, DiceLoss
 # then learns to never predict it. CE and Dice weighted equally.
 _dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True, batch=True)
 _soft_dice = DiceLoss(softmax=True, include_background=True, batch=True)
+_prob_dice = DiceLoss(include_background=True, batch=True)  # inputs already probabilities
 
 
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -28,17 +29,47 @@ def map_supervision(maps: list[torch.Tensor], out, labels: torch.Tensor) -> torc
     return torch.stack([seg_loss(out.to_input_grid(m), labels) for m in maps]).mean()
 
 
-def pseudo_label_loss(maps: list[torch.Tensor], out, backbone_logits: torch.Tensor) -> torch.Tensor:
-    """L_pse: soft Dice of the (upsampled) module maps against the backbone's stopped softmax."""
+def confidence_mask(backbone_logits: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """(B, 1, *s) float mask of the pixels whose stopped backbone softmax peaks at >= ``threshold``;
+    None for threshold <= 0 (every pixel counts, as in the reference)."""
+    if threshold <= 0:
+        return None
+    return (backbone_logits.detach().softmax(1).amax(1, keepdim=True) >= threshold).to(backbone_logits.dtype)
+
+
+def _mask_at(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """The mask on ``like``'s grid (a pixel of a coarse map counts where any pixel under it counts)."""
+    if mask is None or mask.shape[2:] == like.shape[2:]:
+        return mask
+    pool = F.adaptive_max_pool2d if mask.ndim == 4 else F.adaptive_max_pool3d
+    return pool(mask, like.shape[2:])
+
+
+def pseudo_label_loss(maps: list[torch.Tensor], out, backbone_logits: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """L_pse: soft Dice of the (upsampled) module maps against the backbone's stopped softmax.
+
+    With a ``mask`` (B, 1, *s) only the masked pixels enter the Dice sums.
+    """
     target = backbone_logits.detach().softmax(1)
-    return torch.stack([_soft_dice(out.to_input_grid(m), target) for m in maps]).mean()
+    if mask is None:
+        return torch.stack([_soft_dice(out.to_input_grid(m), target) for m in maps]).mean()
+    return torch.stack([_prob_dice(out.to_input_grid(m).softmax(1) * mask, target * mask) for m in maps]).mean()
 
 
-def map_consistency(maps_a: list[torch.Tensor], maps_b: list[torch.Tensor]) -> torch.Tensor:
-    """L_cons: MSE between softmax(maps_a) and stopped softmax(maps_b), per scale, averaged."""
-    return torch.stack(
-        [F.mse_loss(a.softmax(1), b.detach().softmax(1)) for a, b in zip(maps_a, maps_b)]
-    ).mean()
+def map_consistency(maps_a: list[torch.Tensor], maps_b: list[torch.Tensor],
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """L_cons: MSE between softmax(maps_a) and stopped softmax(maps_b), per scale, averaged.
+
+    With a ``mask`` (B, 1, *s) on the input grid, the MSE is the mean over the masked pixels of
+    each scale (zero where none is masked).
+    """
+    terms = []
+    for a, b in zip(maps_a, maps_b):
+        sq = (a.softmax(1) - b.detach().softmax(1)) ** 2
+        m = _mask_at(mask, a)
+        terms.append(sq.mean() if m is None else (sq * m).sum() / (m.sum() * a.shape[1]).clamp_min(1.0))
+    return torch.stack(terms).mean()
 
 
 def representation_kl(rep_a: torch.Tensor, rep_b: torch.Tensor, classes: list[int], temperature: float = 2.0) -> torch.Tensor:

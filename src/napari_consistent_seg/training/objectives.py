@@ -19,7 +19,7 @@ class Objective(nn.Module):
     EAM takes ``domains``: a list of (images, labels), one per modality."""
 
     def __init__(self, method: str, backbone: nn.Module, modules: nn.Module | None = None,
-                 weights: dict | None = None, aligned_classes=()):
+                 weights: dict | None = None, aligned_classes=(), confidence_threshold: float = 0.0):
         super().__init__()
         if method in ("icl", "eam") and modules is None:
             raise ValueError(f"{method} needs its external modules")
@@ -28,6 +28,7 @@ class Objective(nn.Module):
         self.modules_ = modules
         self.weights = dict(weights or {})
         self.aligned = list(aligned_classes)
+        self.confidence_threshold = confidence_threshold  # ICL: pse/cons only where the backbone is this sure
         self.ramp = 1.0  # factor on the unlabeled / cross-modality terms, set by the trainer each step
 
     def forward(self, batch: dict):
@@ -46,11 +47,12 @@ class Objective(nn.Module):
         sspa_u = self.modules_.attend(out_u.features)
         # the labeled proxies are not detached: USCL's losses also shape the labeled path
         uscl_u = self.modules_.consistent(out_u.features, sspa_l.proxies())
+        mask = losses.confidence_mask(out_u.logits, self.confidence_threshold)
         terms = {
             "seg": losses.seg_loss(out_l.logits, batch["labels"]),
             "aux": losses.map_supervision(sspa_l.maps, out_l, batch["labels"]),
-            "pse": losses.pseudo_label_loss(uscl_u.maps, out_u, out_u.logits),
-            "cons": losses.map_consistency(uscl_u.maps, sspa_u.maps),
+            "pse": losses.pseudo_label_loss(uscl_u.maps, out_u, out_u.logits, mask),
+            "cons": losses.map_consistency(uscl_u.maps, sspa_u.maps, mask),
         }
         unsup = w["pse"] * terms["pse"] + w["cons"] * terms["cons"]
         total = terms["seg"] + w["aux"] * terms["aux"] + self.ramp * unsup

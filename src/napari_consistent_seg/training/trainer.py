@@ -44,6 +44,27 @@ def build_networks(cfg: TrainConfig) -> tuple[UNet, torch.nn.Module | None]:
     return backbone, modules
 
 
+def init_weights(backbone: UNet, modules: torch.nn.Module | None, name_or_path: str) -> None:
+    """Copy a saved model's weights into freshly built networks (``init_from``).
+
+    The backbone must match exactly; modules are copied when both sides have them and they match,
+    else they keep their random init (e.g. ICL modules on top of a supervised model).
+    """
+    from ..models.store import load_model
+
+    source = load_model(name_or_path, with_modules=modules is not None)
+    try:
+        backbone.load_state_dict(source.backbone.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise ConsistentSegError(
+            f"init_from={name_or_path!r}: its backbone does not fit this config (classes, channels): {exc}") from exc
+    if modules is not None and source.modules is not None and type(source.modules) is type(modules):
+        try:
+            modules.load_state_dict(source.modules.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise ConsistentSegError(f"init_from={name_or_path!r}: its modules do not fit this config: {exc}") from exc
+
+
 def validate(backbone, cases: list[LoadedCase], num_classes: int, device, batch_size: int = 16) -> dict:
     """Mean 3D Dice per class over ``cases`` (normalised volumes in memory), and per modality.
 
@@ -116,7 +137,10 @@ class Trainer:
         self.commands = [self.command]  # every invocation that contributed, resumes included
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.backbone, self.modules = build_networks(cfg)
-        self.objective = Objective(cfg.method, self.backbone, self.modules, cfg.weights, cfg.aligned_classes).to(self.device)
+        if cfg.init_from:  # a resume below replaces these weights with the run's own
+            init_weights(self.backbone, self.modules, cfg.init_from)
+        self.objective = Objective(cfg.method, self.backbone, self.modules, cfg.weights, cfg.aligned_classes,
+                                   cfg.confidence_threshold).to(self.device)
         params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model = self.objective

@@ -317,7 +317,8 @@ def test_phantom_is_fast_deterministic_and_anatomical():
     x_centre = {label: np.nonzero(labels.data == label)[2].mean() for label in PHANTOM_CLASSES}
     assert x_centre[1] < 64 < x_centre[2]  # liver on the patient's right = small x (screen left)
     assert x_centre[3] < 64 < x_centre[4]
-    assert image.data[labels.data == 1].mean() == pytest.approx(60, abs=15)  # liver in HU
+    assert image.data[labels.data == 1].mean() == pytest.approx(100, abs=15)  # liver in HU, contrast phase
+    assert image.data[labels.data == 3].mean() > image.data[labels.data == 1].mean() + 40  # enhancing kidney
 
     mr_image, _ = make_phantom("MR")
     assert mr_image.modality == "MR" and mr_image.data.min() >= 0

@@ -18,9 +18,11 @@ _ORGANS = {
     3: ((0.36, 0.68, 0.33), (0.14, 0.07, 0.06)),  # right kidney: lower than the left
     4: ((0.42, 0.68, 0.67), (0.14, 0.07, 0.06)),  # left kidney
 }
-# Tissue intensities: CT in HU; MR as T2-like arbitrary units (fluid-rich kidneys and spleen bright).
+# Tissue intensities: CT in HU of a portal-venous contrast phase, like the btcv scans the abdomen
+# model learnt from (enhancing kidney cortex brightest, then spleen and liver above muscle); MR as
+# T2-like arbitrary units (fluid-rich kidneys and spleen bright).
 _INTENSITY = {
-    "CT": {"air": -1000, "fat": -100, "muscle": 45, "bone": 700, 1: 60, 2: 50, 3: 40, 4: 40},
+    "CT": {"air": -1000, "fat": -100, "muscle": 50, "bone": 700, 1: 100, 2: 115, 3: 160, 4: 160},
     "MR": {"air": 0, "fat": 90, "muscle": 160, "bone": 60, 1: 110, 2: 330, 3: 400, 4: 400},
 }
 _NOISE_SD = {"CT": 12.0, "MR": 15.0}

@@ -8,6 +8,7 @@ model and lists the others as not trained. The shipped models are evaluated from
 
     python benchmarks/accuracy.py                      # evaluate what exists, write docs/benchmarks.md
     python benchmarks/accuracy.py --train sup-7 --max-minutes 120   # train/resume one variant
+    python benchmarks/accuracy.py --only icl-7 --models icl-7=runs/cont/icl-7/best --output out/cont.md
 """
 
 from __future__ import annotations
@@ -92,7 +93,13 @@ def matched_budget(name: str) -> int | None:
     return None
 
 
+# --models VARIANT=FOLDER: evaluate these model folders in place of the variants' own
+MODEL_OVERRIDES: dict[str, Path] = {}
+
+
 def model_path(name: str) -> Path | None:
+    if name in MODEL_OVERRIDES:
+        return MODEL_OVERRIDES[name]
     shipped = VARIANTS[name][4]
     if shipped and (SHIPPED_DIR / shipped / "card.json").is_file():
         return SHIPPED_DIR / shipped
@@ -174,10 +181,14 @@ def _compute(name: str, training: dict) -> str:
     wall = training.get("wall_time_s", 0)
     shipped = VARIANTS[name][4]
     state = ROOT / "checkpoints" / shipped / "state.json" if shipped else RUNS / name / "state.json"
+    if name in MODEL_OVERRIDES:
+        state = MODEL_OVERRIDES[name].parent / "state.json"
     if state.is_file():
         run = json.loads(state.read_text())
         total, wall = run["iteration"], run["wall_time_s"]
-    return f"best at {best} of {total} it, {round(wall / 60)} min, {training.get('hardware', '?')}"
+    start = training.get("config", {}).get("init_from")
+    start = f" (continued from {start})" if start else ""
+    return f"best at {best} of {total} it{start}, {round(wall / 60)} min, {training.get('hardware', '?')}"
 
 
 def write_report(out: Path, variants: list[str], device=None, update_cards: bool = False) -> str:
@@ -282,6 +293,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--only", nargs="*", help="evaluate only these variants")
+    parser.add_argument("--models", nargs="*", default=[], metavar="VARIANT=FOLDER",
+                        help="evaluate these model folders in place of the variants' own (e.g. a continued "
+                             "run's best); use with --output elsewhere than docs/benchmarks.md")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--update-cards", action="store_true",
                         help="also write the shipped models' benchmark scores into their card.json")
@@ -308,6 +322,13 @@ def main(argv=None) -> int:
             train(cfg, Path(args.runs_dir) / name, resume=True, device=args.device,
                   command=f"python benchmarks/accuracy.py --train {name}{extra}")
         return 0
+    for item in args.models:
+        name, sep, folder = item.partition("=")
+        if not sep or name not in VARIANTS or not (Path(folder) / "card.json").is_file():
+            parser.error(f"--models wants VARIANT=FOLDER with a known variant and a model folder, got {item!r}")
+        MODEL_OVERRIDES[name] = Path(folder)
+    if MODEL_OVERRIDES and (args.update_cards or Path(args.output).resolve() == (ROOT / "docs" / "benchmarks.md").resolve()):
+        parser.error("--models is for side experiments: give --output elsewhere, and no --update-cards")
     text = write_report(Path(args.output), args.only or list(VARIANTS), args.device, args.update_cards)
     print(text)
     return 0

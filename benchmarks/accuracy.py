@@ -172,6 +172,8 @@ def targets(reports: dict) -> list[str]:
     joint_ct, joint_mr = _mean_dice(reports, "joint", "CT"), _mean_dice(reports, "joint", "MR")
     lines.append(_verdict(_mean_dice(reports, "eam", "CT"), joint_ct, "(not a target) abdomen, EAM on CT >= joint without EAM"))
     lines.append(_verdict(_mean_dice(reports, "eam", "MR"), joint_mr, "(not a target) abdomen, EAM on MR >= joint without EAM"))
+    lines += ["", "Why a target is missed, what was tried and what it would take: [training.md](training.md), "
+              "*Where the ICL result stands*."]
     return lines + [""]
 
 

@@ -48,17 +48,19 @@ def _label_map_for(model: Model, dataset: str) -> dict | None:
     return None
 
 
-def _report(model: Model, labels: np.ndarray, geometry: Geometry, reference: np.ndarray | None, mask=None) -> str:
-    """Per-class size (ml, or voxels where the geometry lacks a voxel size) and Dice where a reference exists."""
+def _dice_by_class(model: Model, labels: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Dice of each foreground class of ``model`` between two label arrays of one shape."""
+    return {name: dice(labels, reference, k) for k, name in model.classes.items() if k}
+
+
+def _report(model: Model, labels: np.ndarray, geometry: Geometry, scores: dict[str, float] | None = None) -> str:
+    """Per-class size (ml, or voxels where the geometry lacks a voxel size), and Dice from ``scores``."""
     sizes = class_sizes(labels, model.classes, geometry)
     lines = []
-    for k, name in model.classes.items():
-        if k == 0:
-            continue
-        text = f"    {name:16s} {sizes[name]:>14s}"
-        if reference is not None:
-            pred, ref = (labels, reference) if mask is None else (labels[mask], reference[mask])
-            text += f"   Dice {100 * dice(pred, ref, k):5.1f} %"
+    for name, size in sizes.items():
+        text = f"    {name:16s} {size:>14s}"
+        if scores is not None:
+            text += f"   Dice {100 * scores[name]:5.1f} %"
         lines.append(text)
     return "\n".join(lines)
 
@@ -74,7 +76,8 @@ def _segment_file(model: Model, path: Path, output: Path, device, reference: np.
     print(f"{path.name} ({volume.modality}, {volume.shape}, {spacing}) -> {target}")
     for w in pred.warnings:
         print(f"    warning: {w}")
-    print(_report(model, pred.labels, volume.geometry, reference))
+    scores = None if reference is None else _dice_by_class(model, pred.labels, reference)
+    print(_report(model, pred.labels, volume.geometry, scores))
 
 
 def _phantom_demo(output: Path, device, steps: int = 40) -> dict[str, dict[str, float]]:
@@ -98,14 +101,14 @@ def _phantom_demo(output: Path, device, steps: int = 40) -> dict[str, dict[str, 
     unpainted = np.ones(image.shape[0], bool)
     unpainted[painted_slices] = False
     target = save_nifti(after.labels, image.geometry, output / "synthetic_ct_phantom_finetuned.nii.gz")
+    reference = labels.data[unpainted]
+    scores = {when: _dice_by_class(model, pred.labels[unpainted], reference)
+              for when, pred in (("before", before), ("after", after))}
     print(f"phantom -> {target}\n  before fine-tuning (Dice on unpainted slices):")
-    print(_report(model, before.labels, image.geometry, labels.data, unpainted))
+    print(_report(model, before.labels, image.geometry, scores["before"]))
     print("  after fine-tuning:")
-    print(_report(model, after.labels, image.geometry, labels.data, unpainted))
-    return {
-        when: {name: dice(pred.labels[unpainted], labels.data[unpainted], k) for k, name in model.classes.items() if k}
-        for when, pred in (("before", before), ("after", after))
-    }
+    print(_report(model, after.labels, image.geometry, scores["after"]))
+    return scores
 
 
 def run_demo(inputs: list[str], *, output: Path, device=None, model_name: str = "abdomen-ct-mri") -> int:

@@ -15,8 +15,7 @@ from monai.losses import DiceCELoss, DiceLoss
 # does: a per-sample Dice punishes every crop in which a small class is absent, and the network
 # then learns to never predict it. CE and Dice weighted equally.
 _dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True, batch=True)
-_soft_dice = DiceLoss(softmax=True, include_background=True, batch=True)
-_prob_dice = DiceLoss(include_background=True, batch=True)  # inputs already probabilities
+_prob_dice = DiceLoss(include_background=True, batch=True)  # soft Dice of probabilities
 
 
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -52,9 +51,13 @@ def pseudo_label_loss(maps: list[torch.Tensor], out, backbone_logits: torch.Tens
     With a ``mask`` (B, 1, *s) only the masked pixels enter the Dice sums.
     """
     target = backbone_logits.detach().softmax(1)
-    if mask is None:
-        return torch.stack([_soft_dice(out.to_input_grid(m), target) for m in maps]).mean()
-    return torch.stack([_prob_dice(out.to_input_grid(m).softmax(1) * mask, target * mask) for m in maps]).mean()
+    if mask is not None:
+        target = target * mask
+    terms = []
+    for m in maps:
+        probs = out.to_input_grid(m).softmax(1)
+        terms.append(_prob_dice(probs if mask is None else probs * mask, target))
+    return torch.stack(terms).mean()
 
 
 def map_consistency(maps_a: list[torch.Tensor], maps_b: list[torch.Tensor],

@@ -137,7 +137,8 @@ class Trainer:
         self.commands = [self.command]  # every invocation that contributed, resumes included
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.backbone, self.modules = build_networks(cfg)
-        if cfg.init_from:  # a resume below replaces these weights with the run's own
+        resuming = resume and (self.run_dir / STATE_JSON).is_file()
+        if cfg.init_from and not resuming:  # a resumed run has its own weights
             init_weights(self.backbone, self.modules, cfg.init_from)
         self.objective = Objective(cfg.method, self.backbone, self.modules, cfg.weights, cfg.aligned_classes,
                                    cfg.confidence_threshold).to(self.device)
@@ -154,7 +155,7 @@ class Trainer:
         self.best_score = -1.0
         self.history: list[dict] = []
         self.wall_time_s = 0.0
-        if resume and (self.run_dir / STATE_JSON).is_file():
+        if resuming:
             self._load_state()
         self._load_data()
 

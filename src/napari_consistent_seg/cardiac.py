@@ -436,3 +436,34 @@ def _signed_distance(mask: np.ndarray, pixel_mm) -> np.ndarray:
     if not mask.any():
         return np.full(mask.shape, 1e6)
     return ndi.distance_transform_edt(~mask, sampling=pixel_mm) - ndi.distance_transform_edt(mask, sampling=pixel_mm)
+
+
+# ---- segmentation of every phase, for the CLI and the widget -------------------------------
+
+
+def segment_phases(model, phases, *, spacing_mm=None, modality: str | None = "MR", clean: bool = True,
+                   device=None, progress=None, cancel=None) -> list[np.ndarray]:
+    """Segment each (Z, Y, X) phase of a short-axis scan with a 2D cardiac model; labels per phase.
+
+    ``clean`` applies :func:`clean_cardiac_labels` (else the card's post-processing). Progress is
+    reported in slices over all phases; ``cancel`` as in ``inference.predict_volume``.
+    """
+    from .inference import predict_volume
+
+    labels_of = CardiacLabels.from_classes(model.classes)
+    phases = [np.asarray(p) for p in phases]
+    total = sum(p.shape[0] for p in phases)
+    done = 0
+    out = []
+    for phase in phases:
+        def phase_progress(d, _t, offset=done):
+            if progress is not None:
+                progress(offset + d, total)
+
+        prediction = predict_volume(model, phase, spacing_mm=spacing_mm, modality=modality, device=device,
+                                    keep_largest=None if not clean else False, progress=phase_progress,
+                                    cancel=cancel)
+        labels = prediction.labels
+        out.append(clean_cardiac_labels(labels, spacing_mm, classes=labels_of) if clean else labels)
+        done += phase.shape[0]
+    return out

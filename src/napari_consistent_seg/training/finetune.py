@@ -1,7 +1,10 @@
-"""ICL fine-tuning on one volume: a few painted slices are the labeled set, the rest unlabeled.
+"""Fine-tuning on one volume from the user's corrections: labels plus a "known" mask.
 
-This is what the napari Fine-tune widget runs, one ``step()`` at a time, so that the caller can
-show progress, preview, and stop between steps with valid weights.
+Only known voxels are labeled (a brush stroke, an erased stroke = background, or whole painted
+slices); every other voxel is unlabeled, and the starting model's own prediction there is kept
+as a soft target ("anchor"), so that a few corrections do not undo what the model got right.
+This is what the napari Fine-tune widget and ``consistent-seg finetune`` run, one ``step()`` at
+a time, so that the caller can show progress, preview, and stop between steps with valid weights.
 """
 
 from __future__ import annotations
@@ -11,14 +14,18 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import ConsistentSegError, ShapeMismatchError
-from ..inference import pick_device, prepare_input
+from ..inference import check_cancel, pick_device, prepare_input
 from ..models.modules import EAMModule, ICLModules
 from ..models.store import Model
+from . import losses
 from .augment import Augmentation
 from .data import SliceStream, resample_inplane
-from .objectives import Objective
+
+#: The default recipe (see docs/training.md, "Fine-tuning", and benchmarks/finetune.py).
+DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 1.0}
 
 
 def icl_modules_for(model: Model) -> ICLModules:
@@ -35,85 +42,208 @@ def icl_modules_for(model: Model) -> ICLModules:
     return modules
 
 
-class ICLFinetuner:
-    """Fine-tune a copy of ``model`` with ICL on ``image`` (Z, Y, X) and ``painted`` (Z, Y, X).
+def whole_slice_known(painted: np.ndarray) -> np.ndarray:
+    """The whole-slice rule: every voxel of a slice (axis 0) with a non-zero voxel is known."""
+    painted = np.asarray(painted)
+    return np.broadcast_to(painted.reshape(painted.shape[0], -1).any(1)[:, None, None], painted.shape).copy()
 
-    Slices of ``painted`` with any non-zero voxel are labeled (taken as fully labeled: unpainted
-    voxels there are background); all other slices are unlabeled. ``self.model`` is a deep copy,
-    valid after every ``step()``; the model passed in is never changed.
+
+def partial_seg_loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """CE + soft Dice (all K classes, over the batch) on the known voxels only.
+
+    logits (B, K, H, W); target (B, H, W) int64; known (B, H, W) bool. With every voxel known this
+    is the training loss (``losses.seg_loss``); a class absent from the known voxels is pushed
+    towards zero there. Zero when no voxel is known.
+    """
+    k = logits.shape[1]
+    m = known.to(logits.dtype)
+    n = m.sum()
+    if n == 0:
+        return logits.sum() * 0
+    ce = (F.cross_entropy(logits, target, reduction="none") * m).sum() / n
+    probs = logits.softmax(1) * m[:, None]
+    onehot = F.one_hot(target, k).permute(0, 3, 1, 2).to(logits.dtype) * m[:, None]
+    inter = (probs * onehot).sum((0, 2, 3))
+    denom = (probs + onehot).sum((0, 2, 3))
+    dice = 1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
+    return ce + dice
+
+
+def anchor_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per voxel, averaged over the voxels of ``where`` (B, H, W) bool."""
+    m = where.to(logits.dtype)
+    n = m.sum()
+    if n == 0:
+        return logits.sum() * 0
+    t = teacher_logits.log_softmax(1)
+    kl = (t.exp() * (t - logits.log_softmax(1))).sum(1)
+    return (kl * m).sum() / n
+
+
+class Finetuner:
+    """Fine-tune a copy of ``model`` on ``image`` (Z, Y, X) from ``labels`` (Z, Y, X) where ``known``.
+
+    known: (Z, Y, X) bool, the voxels the user labeled (painted or erased); ``None`` = the
+    whole-slice rule (:func:`whole_slice_known`). Slices with a known voxel feed the supervised
+    loss; ``anchor`` weighs a KL term that keeps the prediction on unknown voxels near the
+    starting model's. ``method``: "supervised" or "icl" (adds ICL's unlabeled terms on the slices
+    without a known voxel). ``self.model`` is a deep copy, valid after every ``step()``; the model
+    passed in is never changed.
     """
 
-    def __init__(self, model: Model, image: np.ndarray, painted: np.ndarray, *, spacing_mm=None,
-                 modality: str | None = None, device=None, lr: float = 3e-4, batch_size: int = 4,
-                 seed: int = 0):
+    def __init__(self, model: Model, image: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None, *,
+                 spacing_mm=None, modality: str | None = None, device=None, method: str = DEFAULTS["method"],
+                 lr: float = DEFAULTS["lr"], anchor: float = DEFAULTS["anchor"], batch_size: int = 4,
+                 confidence_threshold: float = 0.0, seed: int = 0):
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
+        if method not in ("supervised", "icl"):
+            raise ConsistentSegError(f"fine-tuning method must be 'supervised' or 'icl', not {method!r}")
         image = np.asarray(image)
-        painted = np.asarray(painted)
-        if image.shape != painted.shape:
+        labels = np.asarray(labels)
+        if image.shape != labels.shape:
             raise ShapeMismatchError(
-                f"the painted labels {painted.shape} do not match the image {image.shape}: "
+                f"the painted labels {labels.shape} do not match the image {image.shape}: "
                 "paint in a Labels layer made for this image"
             )
         k = model.backbone.out_channels
-        if painted.min() < 0 or painted.max() >= k:
+        if labels.min() < 0 or labels.max() >= k:
             raise ConsistentSegError(
                 f"painted label values must be 0..{k - 1} (the classes of model {model.name!r}); "
-                f"found {int(painted.min())}..{int(painted.max())}"
+                f"found {int(labels.min())}..{int(labels.max())}"
             )
-        labeled = np.flatnonzero(painted.reshape(painted.shape[0], -1).any(1))
+        known = whole_slice_known(labels) if known is None else np.asarray(known).astype(bool)
+        if known.shape != image.shape:
+            raise ShapeMismatchError(f"the known mask {known.shape} does not match the image {image.shape}")
+        labeled = np.flatnonzero(known.reshape(known.shape[0], -1).any(1))
         if labeled.size == 0:
-            raise ConsistentSegError("no painted slice: paint at least one slice with the model's classes first")
+            raise ConsistentSegError("nothing painted: correct the segmentation with the brush or eraser "
+                                     "(or paint at least one slice) first")
         self.device = pick_device(device)
+        self.method, self.anchor = method, float(anchor)
         self.painted_slices = [int(z) for z in labeled]
+        self.known_voxels = int(known.sum())
         self.model = Model(copy.deepcopy(model.backbone), copy.deepcopy(model.card), None, model.path)
         self.model.modules = icl_modules_for(model)
         self.model.to(self.device)
+        self.teacher = copy.deepcopy(model.backbone).to(self.device).eval().requires_grad_(False)
         prepared = prepare_input(self.model, image, spacing_mm, modality)
         self.warnings = prepared.warnings
-        data, labels = resample_inplane(prepared.data, painted.astype(np.uint8), prepared.spacing_mm or (1, 1, 1),
-                                        self.model.card.get("target_spacing_mm") if prepared.spacing_mm else None)
+        # label + 1 where known, 0 where not: nearest resampling, augmentation and zero padding
+        # then keep "unknown" apart from "known background"
+        encoded = np.where(known, labels.astype(np.int64) + 1, 0).astype(np.uint8)
+        data, encoded = resample_inplane(prepared.data, encoded, prepared.spacing_mm or (1, 1, 1),
+                                         self.model.card.get("target_spacing_mm") if prepared.spacing_mm else None)
         patch = [min(p, n) for p, n in zip(self.model.card["patch_size"], data.shape[1:])]
         is_labeled = np.zeros(data.shape[0], bool)
         is_labeled[labeled] = True
-        self.labeled = SliceStream([data], [labels], patch, slice_masks=[is_labeled], seed=seed)
+        self.labeled = SliceStream([data], [encoded], patch, slice_masks=[is_labeled], seed=seed)
         unlabeled_mask = ~is_labeled if (~is_labeled).any() else is_labeled
         self.unlabeled = SliceStream([data], [None], patch, slice_masks=[unlabeled_mask], seed=seed + 1)
         self.batch_size = batch_size
-        weights = self.model.card.get("training", {}).get("config", {}).get("weights", {})
-        self.objective = Objective("icl", self.model.backbone, self.model.modules,
-                                   {"aux": 1.0, "pse": 1.0, "cons": 50.0, **weights})
-        self.optimizer = torch.optim.AdamW(self.objective.parameters(), lr=lr, weight_decay=1e-4)
+        self.confidence_threshold = confidence_threshold
+        self.weights = {"aux": 1.0, "pse": 1.0, "cons": 50.0,
+                        **self.model.card.get("training", {}).get("config", {}).get("weights", {})}
+        params = list(self.model.backbone.parameters())
+        if method == "icl":
+            params += list(self.model.modules.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
         self.augment = Augmentation(rotate_deg=10, scale=(0.9, 1.1), flips=False, noise_std=0.02)
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_done = 0
         self.elapsed_s = 0.0
 
     def step(self) -> dict:
-        """One ICL step. Returns {"loss", "seg", "aux", "pse", "cons"} as floats."""
+        """One optimiser step. Returns {"loss", "seg", ...} as floats (the terms in use)."""
         start = time.monotonic()
-        self.objective.train()
-        images, labels = self.labeled.sample(self.batch_size)
-        images, labels = self.augment(images, labels, self.generator)
-        unlabeled, _ = self.unlabeled.sample(self.batch_size)
-        unlabeled, _ = self.augment(unlabeled, None, self.generator)
-        batch = {"images": images.to(self.device), "labels": labels.to(self.device),
-                 "unlabeled": unlabeled.to(self.device)}
-        loss, terms = self.objective(batch)
+        bb = self.model.backbone
+        bb.train()
+        images, encoded = self.labeled.sample(self.batch_size)
+        images, encoded = self.augment(images, encoded, self.generator)
+        images, encoded = images.to(self.device), encoded.to(self.device)
+        known, target = encoded > 0, (encoded - 1).clamp_min(0)
+        need_unlabeled = self.method == "icl" or self.anchor > 0
+        unlabeled = None
+        if need_unlabeled:
+            unlabeled, _ = self.unlabeled.sample(self.batch_size)
+            unlabeled = self.augment(unlabeled, None, self.generator)[0].to(self.device)
+        terms = {}
+        if self.method == "icl":
+            self.model.modules.train()
+            out_l = bb(images, return_features=True)
+            out_u = bb(unlabeled, return_features=True)
+            logits_l, logits_u = out_l.logits, out_u.logits
+            sspa_l = self.model.modules.attend(out_l.features)
+            sspa_u = self.model.modules.attend(out_u.features)
+            uscl_u = self.model.modules.consistent(out_u.features, sspa_l.proxies())
+            mask = losses.confidence_mask(logits_u, self.confidence_threshold)
+            terms["aux"] = torch.stack([partial_seg_loss(out_l.to_input_grid(m), target, known)
+                                        for m in sspa_l.maps]).mean()
+            terms["pse"] = losses.pseudo_label_loss(uscl_u.maps, out_u, logits_u, mask)
+            terms["cons"] = losses.map_consistency(uscl_u.maps, sspa_u.maps, mask)
+        else:
+            both = bb(images if unlabeled is None else torch.cat([images, unlabeled]))
+            logits_l, logits_u = both[:len(images)], both[len(images):]
+        terms["seg"] = partial_seg_loss(logits_l, target, known)
+        total = terms["seg"] + sum(self.weights[name] * terms[name] for name in ("aux", "pse", "cons") if name in terms)
+        if self.anchor > 0:
+            with torch.no_grad():
+                teacher = self.teacher(torch.cat([images, unlabeled]))
+            where = torch.cat([~known, torch.ones_like(known)])
+            terms["anchor"] = anchor_loss(torch.cat([logits_l, logits_u]), teacher, where)
+            total = total + self.anchor * terms["anchor"]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         self.optimizer.step()
-        self.objective.eval()
+        bb.eval()
+        self.model.modules.eval()
         self.steps_done += 1
         self.elapsed_s += time.monotonic() - start
-        return {"loss": float(loss.detach()), **{k: float(v) for k, v in terms.items()}}
+        return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 
     def finished_model(self) -> Model:
         """The fine-tuned model with a card that records the fine-tune (a copy, safe to save)."""
         card = copy.deepcopy(self.model.card)
         card.setdefault("fine_tuning", []).append({
-            "method": "icl", "steps": self.steps_done, "painted_slices": self.painted_slices,
+            "method": self.method, "anchor": self.anchor, "steps": self.steps_done,
+            "painted_slices": self.painted_slices, "known_voxels": self.known_voxels,
             "wall_time_s": round(self.elapsed_s, 1), "from_model": self.model.card["name"],
         })
         card["val_scores"] = {}  # no longer measured on val after fine-tuning
         return Model(copy.deepcopy(self.model.backbone), card, copy.deepcopy(self.model.modules), None)
+
+
+def finetune(model: Model, image: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None, *,
+             steps: int | None = None, seconds: float | None = None, progress=None, cancel=None,
+             **options) -> Finetuner:
+    """One fine-tuning round: ``steps`` steps (default: the recipe's), or fewer if ``seconds``
+    (wall time of the steps) runs out first. ``progress(done, total)`` after each step; ``cancel``
+    (an Event or a callable) raises Cancelled between steps. Returns the Finetuner (its ``model``)."""
+    steps = DEFAULTS["steps"] if steps is None else int(steps)
+    if steps < 1:
+        raise ConsistentSegError(f"steps must be at least 1, got {steps}")
+    tuner = Finetuner(model, image, labels, known, **options)
+    for done in range(1, steps + 1):
+        check_cancel(cancel)
+        tuner.step()
+        if progress is not None:
+            progress(done, steps)
+        if seconds and tuner.elapsed_s >= seconds:
+            break
+    return tuner
+
+
+def merge_corrections(prediction: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+    """The user's labels where known (None: the whole-slice rule), the prediction elsewhere."""
+    known = whole_slice_known(labels) if known is None else np.asarray(known, bool)
+    return np.where(known, labels, prediction).astype(prediction.dtype)
+
+
+class ICLFinetuner(Finetuner):
+    """ICL fine-tuning on whole painted slices, as before the known mask existed (no anchor)."""
+
+    def __init__(self, model: Model, image: np.ndarray, painted: np.ndarray, known: np.ndarray | None = None,
+                 **kw):
+        kw.setdefault("method", "icl")
+        kw.setdefault("anchor", 0.0)
+        super().__init__(model, image, painted, known, **kw)

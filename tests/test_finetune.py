@@ -1,0 +1,182 @@
+"""Fine-tuning core and CLI: labels plus a known mask, the anchor, rounds, merging, `consistent-seg finetune`."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from napari_consistent_seg.cli import main
+from napari_consistent_seg.errors import Cancelled, ConsistentSegError, ShapeMismatchError
+from napari_consistent_seg.io import Geometry, load_volume, save_nifti
+from napari_consistent_seg.models.store import load_model
+from napari_consistent_seg.training import losses
+from napari_consistent_seg.training.finetune import (
+    Finetuner,
+    ICLFinetuner,
+    finetune,
+    merge_corrections,
+    partial_seg_loss,
+    whole_slice_known,
+)
+
+
+def scan(shape=(5, 48, 56), seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100, 20, shape).astype(np.float32)
+    image[:, 12:30, 14:40] += 200
+    truth = np.zeros(shape, np.uint8)
+    truth[:, 12:30, 14:40] = 3
+    return image, truth
+
+
+def test_whole_slice_rule_and_merge():
+    painted = np.zeros((4, 3, 3), np.uint8)
+    painted[1, 0, 0] = 2
+    known = whole_slice_known(painted)
+    assert known[1].all() and not known[[0, 2, 3]].any()
+    prediction = np.full((4, 3, 3), 1, np.uint8)
+    merged = merge_corrections(prediction, painted)
+    assert merged[1, 0, 0] == 2 and (merged[1].ravel()[1:] == 0).all() and (merged[[0, 2, 3]] == 1).all()
+    strokes = np.zeros_like(known)
+    strokes[2, 1, 1] = True  # an eraser stroke: known background
+    assert merge_corrections(prediction, painted, strokes)[2, 1, 1] == 0
+    assert merge_corrections(prediction, painted, strokes)[1, 0, 0] == 1  # not known: the prediction
+
+
+def test_partial_loss_is_the_training_loss_when_everything_is_known_and_ignores_the_rest():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
+    target = torch.randint(0, 4, (2, 8, 8))
+    everything = torch.ones(2, 8, 8, dtype=torch.bool)
+    assert torch.allclose(partial_seg_loss(logits, target, everything), losses.seg_loss(logits, target), atol=1e-5)
+    known = torch.zeros_like(everything)
+    known[0, :2] = True
+    partial_seg_loss(logits, target, known).backward()
+    assert logits.grad[1].abs().sum() == 0 and logits.grad[0, :, 2:].abs().sum() == 0
+    assert partial_seg_loss(logits, target, torch.zeros_like(known)).item() == 0
+
+
+def test_bad_inputs_say_what_to_do(tiny_model_path):
+    model = load_model(tiny_model_path)
+    image, truth = scan()
+    with pytest.raises(ShapeMismatchError, match="known mask"):
+        Finetuner(model, image, truth, np.ones((2, 2, 2), bool))
+    with pytest.raises(ConsistentSegError, match="nothing painted"):
+        Finetuner(model, image, truth, np.zeros(image.shape, bool))
+    with pytest.raises(ConsistentSegError, match="supervised' or 'icl"):
+        Finetuner(model, image, truth, method="eam")
+    with pytest.raises(ConsistentSegError, match="steps"):
+        finetune(model, image, truth, steps=0)
+
+
+@pytest.mark.parametrize("method", ["supervised", "icl"])
+def test_strokes_train_a_copy_anchored_to_the_start(tiny_model_path, method):
+    model = load_model(tiny_model_path)
+    start = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    image, truth = scan()
+    known = np.zeros(image.shape, bool)
+    known[2, 10:20, 10:20] = True  # a brush stroke across the boundary
+    tuner = Finetuner(model, image, truth, known, method=method, batch_size=2)
+    first = tuner.step()
+    assert first["anchor"] == pytest.approx(0.0, abs=1e-6)  # the copy starts where the model is
+    assert ("pse" in first) == (method == "icl")
+    tuner.step()
+    assert tuner.steps_done == 2 and tuner.painted_slices == [2] and tuner.known_voxels == 100
+    for k, v in model.backbone.state_dict().items():  # the model passed in is never changed
+        assert torch.equal(v, start[k])
+    record = tuner.finished_model().card["fine_tuning"][-1]
+    assert record["method"] == method and record["known_voxels"] == 100 and record["steps"] == 2
+
+
+def test_rounds_stop_on_cancel_and_on_the_time_budget(tiny_model_path):
+    model = load_model(tiny_model_path)
+    image, truth = scan()
+    cancel = threading.Event()
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if done == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        finetune(model, image, truth, steps=10, progress=progress, cancel=cancel, batch_size=2)
+    assert calls == [1, 2]
+    tuner = finetune(model, image, truth, steps=1000, seconds=1e-9, batch_size=2)
+    assert tuner.steps_done == 1
+
+
+def test_icl_finetuner_keeps_the_old_whole_slice_behaviour(tiny_model_path):
+    model = load_model(tiny_model_path)
+    image, truth = scan()
+    painted = np.zeros_like(truth)
+    painted[1] = truth[1]
+    tuner = ICLFinetuner(model, image, painted, batch_size=2)
+    assert tuner.method == "icl" and tuner.anchor == 0 and tuner.painted_slices == [1]
+    assert tuner.known_voxels == painted[1].size
+
+
+def test_cli_finetune_writes_the_segmentation_and_a_loadable_model(tmp_path, tiny_model_path, capsys):
+    image, truth = scan()
+    geometry = Geometry.from_spacing((4.0, 1.5, 1.5), image.shape)
+    image_path = save_nifti(image, geometry, tmp_path / "scan.nii.gz", is_label=False)
+    painted = np.zeros_like(truth)
+    painted[2, 20, 20:30] = 3
+    painted[2, 5, 5:10] = 0  # an eraser stroke
+    known = np.zeros_like(truth)
+    known[2, 20, 20:30] = known[2, 5, 5:10] = 1
+    painted_path = save_nifti(painted, geometry, tmp_path / "painted.nii.gz")
+    known_path = save_nifti(known, geometry, tmp_path / "known.nii.gz")
+    out = tmp_path / "out"
+    code = main(["finetune", str(image_path), str(painted_path), "--model", str(tiny_model_path),
+                 "--known", str(known_path), "--steps", "2", "-o", str(out)])
+    assert code == 0
+    result = load_volume(out / "scan.nii.gz").data
+    assert result.shape == image.shape
+    assert (result[2, 20, 20:30] == 3).all() and (result[2, 5, 5:10] == 0).all()  # corrections win
+    tuned = load_model(out / "model")
+    assert tuned.card["fine_tuning"][-1]["steps"] == 2 and tuned.card["fine_tuning"][-1]["known_voxels"] == 15
+    assert "2 steps" in capsys.readouterr().out
+    wrong = save_nifti(painted[:3], Geometry.from_spacing((4.0, 1.5, 1.5), (3, 48, 56)), tmp_path / "w.nii.gz")
+    assert main(["finetune", str(image_path), str(wrong), "--model", str(tiny_model_path), "-o", str(out)]) == 2
+    assert "grid" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_strokes_on_three_slices_raise_dice_on_the_rest(shared_data):
+    """A few hundred voxels of brush strokes where the shipped model is wrong lift Dice elsewhere."""
+    from scipy import ndimage
+
+    from napari_consistent_seg.inference import predict_volume
+
+    torch.set_num_threads(2)
+    case = "patient082_frame01"  # a val frame the shipped model gets partly wrong
+    volume = load_volume(shared_data / "acdc" / "images" / f"{case}.nii.gz")
+    truth = load_volume(shared_data / "acdc" / "labels" / f"{case}.nii.gz").data.astype(np.uint8)
+    model = load_model("cardiac-cine-mri")
+    before = predict_volume(model, volume.data, modality="MR").labels
+    wrong = before != truth
+    worst = np.argsort(-wrong.reshape(len(wrong), -1).sum(1))[:3]
+    known = np.zeros(truth.shape, bool)
+    for z in worst:  # disks of radius 3 on the wrong voxels, biggest mistakes first, ~300 voxels a slice
+        blobs, n = ndimage.label(wrong[z])
+        for blob in np.argsort(-ndimage.sum(wrong[z], blobs, range(1, n + 1))) + 1:
+            for y, x in np.argwhere(blobs == blob)[::7]:
+                known[z, max(y - 3, 0):y + 4, max(x - 3, 0):x + 4] = True
+                if (known[z] & wrong[z]).sum() >= 300:
+                    break
+            if (known[z] & wrong[z]).sum() >= 300:
+                break
+    known &= wrong  # napari records the voxels a stroke changed
+    tuner = finetune(model, volume.data, truth, known, modality="MR")
+    after = predict_volume(tuner.model, volume.data, modality="MR").labels
+    rest = ~known
+
+    def dice(pred):
+        return np.mean([2 * ((pred == c) & (truth == c) & rest).sum()
+                        / max(((pred == c) & rest).sum() + ((truth == c) & rest).sum(), 1) for c in (1, 2, 3)])
+
+    print(f"{case}: {known.sum()} stroke voxels on slices {sorted(worst.tolist())}; Dice on the rest "
+          f"{100 * dice(before):.1f} -> {100 * dice(after):.1f} %")
+    assert dice(after) > dice(before) + 0.01

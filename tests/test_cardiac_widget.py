@@ -1,0 +1,91 @@
+"""The Cardiac function widget on a display-less ViewerModel: a cine layer -> labels layer, curve,
+table, CSV, ED/ES navigation; its messages on bad choices. Segmentation is faked (fast)."""
+
+import numpy as np
+import pytest
+from napari.components import ViewerModel
+
+from napari_consistent_seg import cardiac
+from napari_consistent_seg._napari import cardiac_widget as module
+from napari_consistent_seg._napari.cardiac_widget import CardiacFunctionWidget
+from napari_consistent_seg._napari.layers import METADATA_KEY
+from napari_consistent_seg.io import Geometry
+from napari_consistent_seg.metrics import read_csv
+
+SPACING = (8.0, 1.5, 1.5)
+WIDTHS = [6, 8, 5, 3, 4]  # LV cavity width per phase: ED = 1, ES = 3
+
+
+def fake_segment(model, phases, **kwargs):
+    progress = kwargs.get("progress")
+    out = []
+    for t, phase in enumerate(phases):
+        labels = np.zeros(phase.shape, np.uint8)
+        width = int(round(float(phase.mean())))
+        labels[:, 4:12, 2:2 + width] = 3
+        labels[:, 12:14, :] = 2
+        labels[:, 16:20, :width] = 1
+        out.append(labels)
+        if progress is not None:
+            progress(t + 1, len(phases))
+    return out
+
+
+@pytest.fixture
+def widget(qtbot, monkeypatch):
+    monkeypatch.setattr(module, "segment_phases", fake_segment)
+    viewer = ViewerModel()
+    cine = np.stack([np.full((3, 24, 24), w, np.float32) for w in WIDTHS])
+    geometry = Geometry.from_spacing(SPACING, cine.shape[1:]).to_dict()
+    viewer.add_image(cine, name="cine", scale=(1.0, *SPACING),
+                     metadata={METADATA_KEY: {"geometry": geometry, "modality": "MR", "source": "x"}})
+    w = CardiacFunctionWidget(viewer)
+    qtbot.addWidget(w)
+    return viewer, w
+
+
+def test_segment_all_phases_plots_marks_and_tabulates(qtbot, widget, tmp_path):
+    viewer, w = widget
+    assert w.model.choice() is not None and w.model.choice().endswith("cardiac-cine-mri")
+    assert w.run()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=20_000)
+    assert w.result is not None and (w.result.ed, w.result.es) == (1, 3)
+    assert w.result.unit == "ml" and w.result.lv_ef_percent == pytest.approx(100 * 5 / 8)
+    labels = w.labels_layer
+    assert labels.data.shape == (5, 3, 24, 24) and tuple(labels.scale) == (1.0, *SPACING)
+    lines = w.curve.axes.get_lines()
+    np.testing.assert_allclose(lines[0].get_ydata(), w.result.lv_volumes)  # LV curve, then RV
+    assert w.table.item(3, 0).text() == "EF" and w.table.item(3, 1).text() == "62.5 %"
+    rows = read_csv(w.export_csv(tmp_path / "cf.csv"))
+    assert [r["mark"] for r in rows[:5]] == ["", "ED", "", "ES", ""]
+    assert rows[-1]["phase"] == "summary" and rows[-1]["lv_ef_percent"] == pytest.approx(62.5)
+
+
+def test_ed_es_buttons_and_curve_click_move_the_viewer(qtbot, widget):
+    viewer, w = widget
+    w.run()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=20_000)
+    w.es_button.click()
+    assert viewer.dims.current_step[0] == 3
+    w.ed_button.click()
+    assert viewer.dims.current_step[0] == 1
+
+    class Click:  # what matplotlib hands the canvas on a click in the plot
+        inaxes, xdata = w.curve.axes, 3.8
+
+    w.curve._clicked(Click)
+    assert viewer.dims.current_step[0] == 4
+
+
+def test_a_3d_layer_is_refused_with_what_to_do(qtbot, widget):
+    viewer, w = widget
+    viewer.layers.clear()
+    viewer.add_image(np.zeros((3, 8, 8), np.float32), name="one frame")
+    assert not w.run()
+    assert "cine layer" in w.runner.status.text()
+
+
+def test_export_before_a_run_says_what_to_do(widget, tmp_path):
+    _, w = widget
+    with pytest.raises(cardiac.ConsistentSegError, match="Segment all phases"):
+        w.export_csv(tmp_path / "x.csv")

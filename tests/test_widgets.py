@@ -12,7 +12,6 @@ from napari.layers import Labels
 from napari_consistent_seg._napari import _widget_common as common
 from napari_consistent_seg._napari.attention_widget import AttentionWidget
 from napari_consistent_seg._napari.evaluate_widget import EvaluateWidget
-from napari_consistent_seg._napari.finetune_widget import FinetuneWidget
 from napari_consistent_seg._napari.layers import METADATA_KEY
 from napari_consistent_seg._napari.segment_widget import SegmentWidget
 from napari_consistent_seg.inference import keep_largest_components
@@ -264,75 +263,4 @@ def test_evaluate_mismatched_shapes_say_so(qtbot, messages):
     assert not widget.run() and "same layer" in messages[-1][1]
 
 
-# -- Fine-tune --
-
-def paint_two_slices(viewer, image):
-    painted = np.zeros(image.data.shape, np.uint8)
-    painted[1, 10:30, 12:36] = 3
-    painted[4, 10:30, 12:36] = 3
-    return viewer.add_labels(painted, name="painted", scale=image.scale, translate=image.translate)
-
-
-def test_finetune_bad_choices_say_so_and_change_nothing(qtbot, tiny_model, messages):
-    viewer, image, widget = open_widget(qtbot, FinetuneWidget, tiny_model)
-    assert not widget.run() and "No painted" in messages[-1][1]
-    viewer.add_labels(np.zeros((3, 3, 3), np.uint8), name="wrong shape")
-    assert not widget.run() and "shape" in messages[-1][1]
-    empty = viewer.add_labels(np.zeros(image.data.shape, np.uint8), name="empty")
-    widget.painted.set_layer(empty)
-    assert widget.run()  # the finetuner finds no painted slice
-    wait_done(qtbot, widget)
-    assert messages[-1][0] == "error" and widget.tuner is None
-    assert not widget.accept() and not widget.save_as("x")
-    assert layer_names(viewer) == ["scan", "wrong shape", "empty"]
-
-
-@pytest.mark.slow
-def test_finetune_accept_revert_and_save(qtbot, tiny_model, messages):
-    viewer = ViewerModel()
-    image = add_scan(viewer)
-    painted = paint_two_slices(viewer, image)
-    before = painted.data.copy()
-    widget = FinetuneWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.inputs.model.select(tiny_model)
-    widget.painted.set_layer(painted)
-    widget.steps.setValue(3)
-    widget.preview_every.setValue(2)
-    assert widget.run()
-    wait_done(qtbot, widget)
-    assert widget.steps_done == 3 and len(widget.losses) == 3 and widget.accept_button.isEnabled()
-    assert widget.preview_layer is not None and widget.preview_layer.data.shape == image.data.shape
-    assert widget.accept()
-    wait_done(qtbot, widget)
-    result = viewer.layers["scan fine-tuned"]
-    assert (result.data[painted.data > 0] == 3).all()  # painted voxels win
-    np.testing.assert_array_equal(painted.data, before)  # the painted layer is untouched
-    assert widget.save_as("tiny-tuned")
-    segment = SegmentWidget(viewer)
-    qtbot.addWidget(segment)
-    assert segment.inputs.model.select("tiny-tuned")
-    assert not widget.save_as("tiny-tuned")  # exists already: a message, not an overwrite
-    widget.revert()
-    assert widget.tuner is None and not widget.accept_button.isEnabled()
-    assert not [m for m in messages if m[0] == "error" and "exists" not in m[1]]
-
-
-def test_copy_current_slice_starts_a_painted_layer_from_a_segmentation(qtbot, tiny_model, messages):
-    viewer = ViewerModel()
-    image = add_scan(viewer)
-    segmentation = np.zeros(image.data.shape, np.uint8)
-    segmentation[:, 5:9, 5:9] = 2
-    viewer.add_labels(segmentation, name="seg", scale=image.scale, translate=image.translate,
-                      metadata={METADATA_KEY: {"model": tiny_model}})
-    widget = FinetuneWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.inputs.model.select(tiny_model)
-    assert not widget.run() and "model's output" in messages[-1][1]  # the segmentation is no painting
-    viewer.dims.set_point(0, image.translate[0] + 3 * image.scale[0])
-    assert widget.copy_current_slice()
-    painted = widget.painted.layer()
-    assert painted.name == "scan painted" and "model" not in painted.metadata[METADATA_KEY]
-    assert painted.data[3].sum() == segmentation[3].sum() and painted.data[[0, 1, 2, 4, 5]].sum() == 0
-    np.testing.assert_array_equal(viewer.layers["seg"].data, segmentation)
-    assert widget.copy_from.currentText() == "seg"
+# -- Fine-tune: tests/test_finetune_widget.py --

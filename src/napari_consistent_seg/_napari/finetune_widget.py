@@ -1,9 +1,9 @@
-"""Fine-tune (ICL) widget: adapt a model to one scan from a few painted slices, then accept the
-result as a new Labels layer, revert to the starting model, or save the adapted model."""
+"""Fine-tune widget: correct the segmentation in place with brush and eraser, fine-tune the model
+on those strokes, preview, Accept into the same layer (your strokes always win), repeat; Revert
+or save the adapted model."""
 
 from __future__ import annotations
 
-import copy
 import time
 
 import napari
@@ -15,19 +15,19 @@ from qtpy.QtWidgets import QFormLayout, QLabel, QLineEdit, QWidget
 from ..errors import ConsistentSegError
 from ..inference import predict_volume
 from ..models.store import load_model, save_user_model
-from ..training.finetune import ICLFinetuner
+from ..training.finetune import DEFAULTS, Finetuner, merge_corrections, whole_slice_known
 from ._widget_common import (
     LayerPicker,
     ModelInputs,
     add_labels_layer,
     button,
+    combo,
     current_slice,
     grid_kwargs,
     notify,
     row,
     spin_box,
     stack,
-    unique_layer_name,
 )
 from ._workers import TaskRunner
 from .layers import METADATA_KEY
@@ -36,13 +36,58 @@ from .layers import METADATA_KEY
 # in the worker, would hold the GIL and stall the GUI. Imported above, while the widget opens.
 
 
-class FinetuneWidget(QWidget):
-    """Painted slices (any non-zero voxel marks a slice as labeled, and fully labeled) train a copy
-    of the chosen model with ICL in a worker; the preview layer shows the current slice now and then.
+class EditRecorder:
+    """Which voxels of a Labels layer the user changed, from napari's paint events.
 
-    Accept: the whole scan with the fine-tuned model, painted voxels winning, as a new layer
-    ``"<image> fine-tuned"``. Revert: forget the fine-tuned weights. Save as: a user model.
-    Fine-tuning again with the same model continues from the fine-tuned weights.
+    Brush, eraser, fill and polygon all emit ``events.paint`` with their history atoms (only the
+    voxels whose value changed). Undo and redo emit no paint event; napari keeps the live edits in
+    the layer's undo history, so an atom counts only while it is there (private, but the only
+    record of an undo; without it every recorded edit counts). ``base`` holds voxels known by
+    another rule (whole painted slices) once a fine-tune has used it.
+    """
+
+    def __init__(self, layer: Labels):
+        self.layer = layer
+        self.atoms: list = []
+        self.base: np.ndarray | None = None
+        layer.events.paint.connect(self._on_paint)
+
+    def _on_paint(self, event) -> None:
+        self.atoms.extend(event.value)
+
+    def disconnect(self) -> None:
+        self.layer.events.paint.disconnect(self._on_paint)
+
+    def _live_atoms(self) -> list:
+        history = getattr(self.layer, "_undo_history", None)
+        if history is None:
+            return self.atoms
+        live = {id(atom) for item in history for atom in item}
+        return [atom for atom in self.atoms if id(atom) in live]
+
+    def known(self) -> np.ndarray | None:
+        """(Z, Y, X) bool: the voxels edited (and not undone), with ``base``; None if none."""
+        shape = self.layer.data.shape
+        known = np.zeros(shape, bool) if self.base is None or self.base.shape != shape else self.base.copy()
+        for atom in self._live_atoms():
+            if isinstance(atom, tuple):  # data_setitem: (indices, old values, new values)
+                known[atom[0]] = True
+            elif atom.mask is None:
+                known[atom.slice_key] = True
+            else:
+                known[atom.slice_key] |= atom.mask
+        return known if known.any() else None
+
+
+class FinetuneWidget(QWidget):
+    """Train a copy of the chosen model, in a worker, on the voxels you corrected in a Labels layer.
+
+    Corrections: brush and eraser strokes in the layer (a model's segmentation, corrected in
+    place); only the voxels your strokes changed count as labeled, the rest is unlabeled. A layer
+    without recorded strokes (painted elsewhere, or loaded) counts whole slices: every slice with
+    a label is labeled in full. Accept: the whole scan with the fine-tuned model, written into the
+    same layer, your corrections winning. Revert: back to the starting model and the layer as it
+    was before Accept (your corrections kept). Fine-tuning again continues from the fine-tuned weights.
     """
 
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None):
@@ -50,23 +95,24 @@ class FinetuneWidget(QWidget):
         self.viewer = viewer
         self.inputs = ModelInputs(viewer)
         self.painted = LayerPicker(viewer, Labels)
-        self.painted.setToolTip("Labels layer holding only the slices you painted or corrected")
-        self.copy_from = LayerPicker(viewer, Labels, apart_from=self.painted)
-        copy_button = button("Copy this slice", self.copy_current_slice, "Copy the current slice of this layer "
-                             "(e.g. a segmentation) into the painted layer, to correct it with the brush")
-        self.steps = spin_box(1, 100_000, 100, tooltip="Training steps (at most)")
-        self.seconds = spin_box(0, 24 * 3600, 300, "no limit", "Time budget in seconds (0: no limit)")
-        self.preview_every = spin_box(0, 10_000, 10, "off", "Preview the current slice every N steps")
+        self.painted.setToolTip("The segmentation you corrected with brush and eraser (or a layer of painted slices)")
+        self.method = combo(["supervised", "icl"], "supervised: your corrections, anchored to the starting "
+                            "model elsewhere (the default, best in benchmarks/finetune.py); icl: adds ICL's "
+                            "unlabeled terms")
+        self.method.setCurrentText(DEFAULTS["method"])
+        self.steps = spin_box(1, 100_000, DEFAULTS["steps"], tooltip="Training steps (at most)")
+        self.seconds = spin_box(0, 24 * 3600, 0, "no limit", "Time budget in seconds (0: no limit)")
+        self.preview_every = spin_box(0, 10_000, 20, "off", "Preview the current slice every N steps")
         form = QFormLayout()
-        for label, field in (("Painted labels", self.painted), ("Copy from", row(self.copy_from, copy_button)),
-                             ("Steps", self.steps), ("Time budget (s)", self.seconds),
-                             ("Preview every", self.preview_every)):
+        for label, field in (("Corrected labels", self.painted), ("Method", self.method), ("Steps", self.steps),
+                             ("Time budget (s)", self.seconds), ("Preview every", self.preview_every)):
             form.addRow(label, field)
         self.train_button = button("Fine-tune", self.run)
         self.runner = TaskRunner()
-        self.accept_button = button("Accept", self.accept, "Segment the whole scan with the fine-tuned model "
-                                                           "into a new layer; painted voxels keep their label")
-        self.revert_button = button("Revert", self.revert, "Drop the fine-tuned weights: back to the starting model")
+        self.accept_button = button("Accept", self.accept, "Segment the whole scan with the fine-tuned model into "
+                                                           "the corrected layer; your corrections keep their label")
+        self.revert_button = button("Revert", self.revert, "Drop the fine-tuned weights and undo Accept "
+                                                           "(your corrections stay)")
         self.save_name = QLineEdit()
         self.save_name.setPlaceholderText("name of the new model")
         self.save_button = button("Save as", lambda: self.save_as(self.save_name.text().strip()),
@@ -74,14 +120,35 @@ class FinetuneWidget(QWidget):
         self.loss = QLabel("")
         stack(self, self.inputs, form, self.train_button, self.runner, self.loss,
               row(self.accept_button, self.revert_button), row(self.save_name, self.save_button))
-        self.tuner = None  # the ICLFinetuner of the last run; None = no fine-tuned weights
+        self.tuner = None  # the Finetuner of the last finished round; None = no fine-tuned weights
         self.steps_done = 0
         self.losses: list[float] = []
         self.preview_layer = None
         self.result_layer = None
+        self._before_accept: np.ndarray | None = None  # the corrected layer before the first Accept
         self._session: dict = {}
+        self._round: dict = {}
         self._preview_z = [0]  # read by the worker: the slice shown when the last step ended
+        self.recorders: dict[int, EditRecorder] = {}
+        for layer in viewer.layers:
+            self._record(layer)
+        viewer.layers.events.inserted.connect(lambda event: self._record(event.value))
+        viewer.layers.events.removed.connect(self._forget)
         self._update_buttons()
+
+    def _record(self, layer) -> None:
+        if isinstance(layer, Labels) and id(layer) not in self.recorders:
+            self.recorders[id(layer)] = EditRecorder(layer)
+
+    def _forget(self, event) -> None:
+        recorder = self.recorders.pop(id(event.value), None)
+        if recorder is not None:
+            recorder.disconnect()
+
+    def known_of(self, layer: Labels) -> np.ndarray | None:
+        """The voxels of ``layer`` that count as labeled: recorded edits, else whole painted slices."""
+        self._record(layer)
+        return self.recorders[id(layer)].known()
 
     def run(self) -> bool:
         """Start (or continue) fine-tuning; False (with a message, nothing changed) if unusable."""
@@ -89,51 +156,63 @@ class FinetuneWidget(QWidget):
             layer, volume, modality, model_choice, device = self.inputs.read()
             painted_layer = self.painted.layer()
             if painted_layer is None:
-                raise ConsistentSegError("No painted Labels layer: paint a few slices (or use Copy this slice).")
-            if _model_output(painted_layer):
-                raise ConsistentSegError(
-                    f"{painted_layer.name!r} is a model's output, labeled on every slice: choose it under Copy "
-                    "from, press Copy this slice for a painted layer, correct that slice, then Fine-tune.")
+                raise ConsistentSegError("No Labels layer to learn from: segment the scan, then correct it "
+                                         "with the brush and eraser (or paint a few slices in a new layer).")
             if painted_layer.data.shape != volume.data.shape:
                 raise ConsistentSegError(f"{painted_layer.name!r} has shape {painted_layer.data.shape}, the "
-                                         f"image {volume.data.shape}: paint on a layer of the image's grid.")
+                                         f"image {volume.data.shape}: correct a layer of the image's grid.")
+            known = self.known_of(painted_layer)
+            labels = np.array(painted_layer.data)  # a copy: the user may keep painting while it trains
+            whole_slices = known is None
+            if whole_slices:
+                if _model_output(painted_layer):
+                    raise ConsistentSegError(
+                        f"No corrections in {painted_layer.name!r} yet: fix it with the brush (and the eraser "
+                        "where the model is wrong), then Fine-tune.")
+                known = whole_slice_known(labels)
+                if not known.any():
+                    raise ConsistentSegError(f"{painted_layer.name!r} is empty: paint a few slices, or correct "
+                                             "a segmentation with the brush and eraser.")
         except ConsistentSegError as error:
             notify(str(error), "warning", self.runner.status)
             return False
-        painted = np.array(painted_layer.data)  # a copy: the user may keep painting while it trains
         continuing = self.tuner is not None and self._session.get("model_choice") == model_choice
         start_model = self.tuner.model if continuing else None
         steps, budget_s, every = self.steps.value(), self.seconds.value(), self.preview_every.value()
+        method = self.method.currentText()
         self._preview_z[0] = current_slice(self.viewer, layer)
         session = {"model_choice": model_choice, "volume": volume, "modality": modality, "device": device,
-                   "grid": grid_kwargs(layer), "image_name": layer.name}
+                   "grid": grid_kwargs(layer), "image_name": layer.name, "layer": painted_layer}
 
         def task(progress, cancel):
             model = start_model or load_model(model_choice, device="cpu")
-            tuner = ICLFinetuner(model, volume.data, painted, spacing_mm=volume.spacing_mm,
-                                 modality=modality, device=device)
+            tuner = Finetuner(model, volume.data, labels, known, spacing_mm=volume.spacing_mm, modality=modality,
+                              device=device, method=method)
             yield "ready", tuner
-            started = time.monotonic()
             for step in range(1, steps + 1):
                 if cancel.is_set():
                     break
                 stats = tuner.step()
-                elapsed = time.monotonic() - started
                 preview = None
                 if every and (step % every == 0 or step == steps):
                     z = self._preview_z[0]
                     preview = z, predict_volume(tuner.model, volume.data, spacing_mm=volume.spacing_mm,
                                                 modality=modality, device=device, slices=[z]).labels[0]
-                yield "step", (step, steps, float(stats["loss"]), elapsed, budget_s, preview)
-                if budget_s and elapsed >= budget_s:
+                yield "step", (step, steps, float(stats["loss"]), tuner.elapsed_s, budget_s, preview)
+                if budget_s and tuner.elapsed_s >= budget_s:
                     break
 
+        # what a cancelled round must leave as it was
+        self._round = {"tuner": self.tuner, "steps_done": self.steps_done, "losses": list(self.losses),
+                       "session": self._session, "preview_layer": self.preview_layer,
+                       "preview_data": None if self.preview_layer is None else np.array(self.preview_layer.data),
+                       "whole_slices": known if whole_slices else None, "recorder": self.recorders[id(painted_layer)]}
         if not self.runner.start(task, description=("Continuing to fine-tune" if continuing else "Fine-tuning")
                                  + f" on {layer.name}", on_yielded=self._on_yielded,
                                  on_finished=self._on_finished):
             return False
         if not continuing:
-            self.tuner, self.steps_done, self.losses = None, 0, []
+            self.steps_done, self.losses = 0, []
         self._session = session
         self._update_buttons()
         return True
@@ -141,7 +220,7 @@ class FinetuneWidget(QWidget):
     def _on_yielded(self, item) -> None:
         kind, value = item
         if kind == "ready":
-            self.tuner = value
+            self._round["new_tuner"] = value
             for warning in value.warnings:
                 notify(warning, "warning")
             return
@@ -158,8 +237,8 @@ class FinetuneWidget(QWidget):
             self._show_preview(*preview)
 
     def _show_preview(self, z: int, labels: np.ndarray) -> None:
-        if self.preview_layer is None or self.preview_layer.name not in {l.name for l in self.viewer.layers}:
-            model = self.tuner.model
+        if self.preview_layer is None or self.preview_layer not in self.viewer.layers:
+            model = self._round["new_tuner"].model
             empty = np.zeros(self._session["volume"].data.shape, np.uint8)
             self.preview_layer = add_labels_layer(
                 self.viewer, empty, self._session["grid"], model.classes, model.colours,
@@ -168,47 +247,90 @@ class FinetuneWidget(QWidget):
         self.preview_layer.refresh()
 
     def _on_finished(self) -> None:
-        if self.tuner is not None and self.steps_done:
-            self.runner.status.setText(f"{self.runner.status.text()} {self.steps_done} steps so far: Accept, "
-                                       "Revert, Save as, or Fine-tune again to continue.")
+        r = self._round
+        if self.runner.cancel_requested or self.runner.last_error is not None or not r.get("new_tuner"):
+            self._restore_round()
+        else:
+            self.tuner = r["new_tuner"]
+            if r["whole_slices"] is not None:  # from now on, Accept fills this layer: keep what was painted
+                r["recorder"].base = r["whole_slices"]
+            if self.steps_done:
+                self.runner.status.setText(f"{self.runner.status.text()} {self.steps_done} steps so far: Accept, "
+                                           "Revert, Save as, or Fine-tune again to continue.")
+        self._round = {}
         self._update_buttons()
 
+    def _restore_round(self) -> None:
+        """A cancelled or failed round: the weights, counters and preview as before it started."""
+        r = self._round
+        self.tuner, self.steps_done, self.losses, self._session = r["tuner"], r["steps_done"], r["losses"], r["session"]
+        if self.preview_layer is not None and self.preview_layer is not r["preview_layer"]:
+            if self.preview_layer in self.viewer.layers:
+                self.viewer.layers.remove(self.preview_layer)
+            self.preview_layer = r["preview_layer"]
+        if self.preview_layer is not None and r["preview_data"] is not None:
+            self.preview_layer.data[...] = r["preview_data"]
+            self.preview_layer.refresh()
+        self.loss.setText("")
+        if self.runner.cancel_requested:
+            self.runner.status.setText("Cancelled: the model and every layer are as they were.")
+
     def accept(self) -> bool:
-        """Segment the scan with the fine-tuned model; painted voxels win. Result: a new layer."""
-        painted_layer = self.painted.layer()
+        """Segment the scan with the fine-tuned model into the corrected layer; corrections win."""
         if self.tuner is None or self.runner.running:
             notify("Nothing to accept: fine-tune first (and wait for it to end).", "warning", self.runner.status)
             return False
         s = self._session
-        if painted_layer is None or painted_layer.data.shape != s["volume"].data.shape:
-            notify("Choose the painted layer of the fine-tuned image to merge.", "warning", self.runner.status)
+        layer = s["layer"]
+        if layer not in self.viewer.layers or layer.data.shape != s["volume"].data.shape:
+            notify(f"The corrected layer {layer.name!r} is gone or changed shape: fine-tune again.", "warning",
+                   self.runner.status)
             return False
-        painted, model = np.array(painted_layer.data), self.tuner.model
+        model = self.tuner.model
 
         def task(progress, cancel):
-            prediction = predict_volume(model, s["volume"].data, spacing_mm=s["volume"].spacing_mm,
-                                        modality=s["modality"], device=s["device"], progress=progress, cancel=cancel)
-            return np.where(painted > 0, painted, prediction.labels).astype(prediction.labels.dtype)
+            return predict_volume(model, s["volume"].data, spacing_mm=s["volume"].spacing_mm, modality=s["modality"],
+                                  device=s["device"], progress=progress, cancel=cancel).labels
 
-        def add(merged):
-            self.result_layer = add_labels_layer(self.viewer, merged, s["grid"], model.classes, model.colours,
-                                                 f"{s['image_name']} fine-tuned",
-                                                 {"model": f"{model.name} fine-tuned ({self.steps_done} steps)"})
-            self.runner.status.setText(f"Added {self.result_layer.name!r}; {painted_layer.name!r} is unchanged.")
+        def write(prediction):
+            known = self.known_of(layer)  # read now: corrections made while it ran win too
+            current = np.asarray(layer.data)
+            merged = prediction if known is None else merge_corrections(prediction, current, known)
+            if self._before_accept is None:
+                self._before_accept = current.copy()
+            layer.data[...] = merged.astype(current.dtype)
+            layer.refresh()
+            layer.metadata.setdefault(METADATA_KEY, {})["fine_tuned"] = f"{model.name} ({self.steps_done} steps)"
+            if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
+                self.viewer.layers.remove(self.preview_layer)
+            self.preview_layer = None
+            self.result_layer = layer
+            self.runner.status.setText(f"Accepted into {layer.name!r}: the fine-tuned model's segmentation, your "
+                                       "corrections kept. Correct more and Fine-tune again, or Revert.")
 
-        started = self.runner.start(task, description="Segmenting with the fine-tuned model", on_returned=add,
+        started = self.runner.start(task, description="Segmenting with the fine-tuned model", on_returned=write,
                                     on_finished=self._update_buttons)
         self._update_buttons()
         return started
 
     def revert(self) -> None:
-        """Drop the fine-tuned weights; the next run starts from the chosen model again."""
+        """Drop the fine-tuned weights and undo Accept (corrections stay); next run starts afresh."""
         if self.runner.running:
             notify("Cancel the running task first.", "warning", self.runner.status)
             return
+        layer = self._session.get("layer")
+        restored = ""
+        if self._before_accept is not None and layer is not None and layer in self.viewer.layers \
+                and layer.data.shape == self._before_accept.shape:
+            known = self.known_of(layer)
+            current = np.asarray(layer.data)
+            layer.data[...] = self._before_accept if known is None else np.where(known, current, self._before_accept)
+            layer.refresh()
+            restored = f" {layer.name!r} is as before Accept, with your corrections."
+        self._before_accept = None
         self.tuner, self.steps_done, self.losses = None, 0, []
         self.loss.setText("")
-        self.runner.status.setText("Reverted: the fine-tuned weights are gone; layers are unchanged.")
+        self.runner.status.setText("Reverted: the fine-tuned weights are gone." + (restored or " Layers are unchanged."))
         self._update_buttons()
 
     def save_as(self, name: str) -> bool:
@@ -225,35 +347,12 @@ class FinetuneWidget(QWidget):
         notify(f"Saved model {name!r} in {folder}.", "info", self.runner.status)
         return True
 
-    def copy_current_slice(self) -> bool:
-        """Copy the current slice of the "Copy from" layer into the painted layer (a new one if needed)."""
-        source, image = self.copy_from.layer(), self.inputs.image.layer()
-        if source is None or image is None or source.data.shape != image.data.shape:
-            notify("Choose an image and a Labels layer of the same shape to copy from.", "warning",
-                   self.runner.status)
-            return False
-        target = self.painted.layer()
-        if target is None or target.name == source.name or _model_output(target) or target.data.shape != source.data.shape:
-            metadata = copy.deepcopy(source.metadata)
-            metadata.get(METADATA_KEY, {}).pop("model", None)  # the user's painting, not a model's output
-            target = self.viewer.add_labels(
-                np.zeros_like(np.asarray(source.data)), name=unique_layer_name(self.viewer, f"{image.name} painted"),
-                scale=source.scale, translate=source.translate, metadata=metadata, colormap=source.colormap,
-                features=source.features)
-            self.painted.set_layer(target)
-            self.copy_from.set_layer(source)
-        z = current_slice(self.viewer, image)
-        target.data[z] = np.asarray(source.data[z])
-        target.refresh()
-        self.runner.status.setText(f"Copied slice {z} of {source.name!r} into {target.name!r}: correct it, "
-                                   "then Fine-tune.")
-        return True
-
     def _update_buttons(self) -> None:
         idle, tuned = not self.runner.running, self.tuner is not None and self.steps_done > 0
         self.train_button.setEnabled(idle)
         for push in (self.accept_button, self.revert_button, self.save_button):
             push.setEnabled(idle and tuned)
+        self.revert_button.setEnabled(idle and (tuned or self._before_accept is not None))
         self.train_button.setText("Fine-tune again (continue)" if idle and tuned else "Fine-tune")
 
 

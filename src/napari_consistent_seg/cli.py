@@ -1,4 +1,4 @@
-"""The ``consistent-seg`` command line: train, predict, evaluate, strip, info, list, demo.
+"""The ``consistent-seg`` command line: train, predict, finetune, evaluate, strip, info, list, demo.
 
 Stable contract (scripts rely on it):
 ``consistent-seg predict --model NAME_OR_PATH -o OUTDIR INPUT...`` writes ``OUTDIR/<input name>.nii.gz``
@@ -116,6 +116,58 @@ def cmd_predict(args) -> int:
         sizes = class_sizes(pred.labels, model.classes, volume.geometry)
         print(f"{target}\t" + "\t".join(f"{n}={v}" for n, v in sizes.items()))
     return 1 if failures else 0
+
+
+# ---- finetune -------------------------------------------------------------------------------
+def cmd_finetune(args) -> int:
+    import torch
+
+    from .errors import ShapeMismatchError
+    from .inference import predict_volume
+    from .io import load_volume, save_nifti
+    from .models.store import load_model, save_model
+    from .training.finetune import finetune, merge_corrections
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    volume = load_volume(args.image, modality=args.modality)
+    painted = load_volume(args.painted).data
+    known = None if args.known is None else load_volume(args.known).data != 0
+    for what, array in (("PAINTED", painted), ("--known", known)):
+        if array is not None and array.shape != volume.data.shape:
+            raise ShapeMismatchError(f"{what} has shape {array.shape}, the image {volume.data.shape}: "
+                                     "save the corrections on the image's grid (e.g. from napari's Labels layer)")
+    model = load_model(args.model)
+    # a cine (T, Z, Y, X) trains a 2D model on all its slices of all phases
+    flat = (-1, *volume.data.shape[-2:])
+    image, labels = volume.data.reshape(flat), painted.reshape(flat).astype(np.int64)
+    known_flat = None if known is None else known.reshape(flat)
+    steps = 10**9 if args.seconds else args.steps  # --seconds alone: as many steps as fit
+    bar = _progress_bar(None if args.seconds else steps, f"fine-tuning {model.name}", unit="step")
+
+    def progress(done, total):
+        bar.n = done
+        bar.refresh()
+
+    tuner = finetune(model, image, labels, known_flat, steps=steps, seconds=args.seconds,
+                     spacing_mm=volume.spacing_mm, modality=volume.modality, device=args.device, progress=progress)
+    bar.close()
+    for warning in tuner.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    tuned = tuner.finished_model()
+    phases = [volume.data] if volume.data.ndim == 3 else list(volume.data)
+    prediction = np.stack([predict_volume(tuned, phase, spacing_mm=volume.spacing_mm, modality=volume.modality,
+                                          device=args.device).labels for phase in phases])
+    prediction = prediction.reshape(volume.data.shape)
+    merged = merge_corrections(prediction, painted.astype(prediction.dtype), known)
+    outdir = Path(args.output)
+    outdir.mkdir(parents=True, exist_ok=True)
+    target = save_nifti(merged, volume.geometry, outdir / f"{_nifti_stem(Path(args.image))}.nii.gz", is_label=True)
+    folder = save_model(outdir / "model", tuned.backbone, tuned.card, tuned.modules)
+    print(f"{target}\t{tuner.steps_done} steps in {tuner.elapsed_s:.1f} s on {len(tuner.painted_slices)} "
+          f"painted slices ({tuner.known_voxels} known voxels)")
+    print(f"{folder}\tmodel (load it with --model {folder})")
+    return 0
 
 
 # ---- evaluate -------------------------------------------------------------------------------
@@ -285,6 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=["CT", "MR"], help="override the modality read from the file")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on one scan from corrections; write the result and the model")
+    p.add_argument("image", help="the scan: NIfTI file or DICOM folder")
+    p.add_argument("painted", help="labels on the image's grid: your corrections (0 = background where known)")
+    p.add_argument("--model", "-m", required=True, help="shipped/user model name, or a model folder")
+    p.add_argument("--known", metavar="MASK", help="non-zero where PAINTED was edited (default: every slice "
+                   "of PAINTED with a label is known in full)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the widget's)")
+    budget.add_argument("--seconds", type=float, help="stop after this many seconds of training")
+    p.add_argument("--output", "-o", required=True, help="folder for <image name>.nii.gz and model/")
+    p.add_argument("--modality", choices=["CT", "MR"], help="override the modality read from the file")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="Dice, HD95 and ASD (mm) of predictions against references")
     p.add_argument("predictions", nargs="+", help="label files or folders")

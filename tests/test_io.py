@@ -121,7 +121,7 @@ def test_label_round_trip_is_voxel_identical(shared_data, dataset, tmp_path):
 
 @pytest.mark.parametrize(
     ("axcodes", "expected_spacing"),
-    [(("P", "I", "R"), (3.0, 2.0, 4.0)), (("R", "A", "I"), (4.0, 3.0, 2.0))],
+    [(("P", "I", "R"), (4.0, 3.0, 2.0)), (("R", "A", "I"), (4.0, 3.0, 2.0))],
 )
 def test_permuted_flipped_affine_is_reoriented_without_resampling(tmp_path, axcodes, expected_spacing):
     rng = np.random.default_rng(1)
@@ -136,8 +136,9 @@ def test_permuted_flipped_affine_is_reoriented_without_resampling(tmp_path, axco
     volume = load_volume(path)
     assert volume.spacing_mm == expected_spacing
     _assert_same_voxels_in_world(volume, raw, affine, n_points=200)
-    if axcodes == ("P", "I", "R"):  # i -> y, reversed j -> z, reversed k -> x
-        np.testing.assert_array_equal(volume.data, raw[:, ::-1, ::-1].transpose(1, 0, 2))
+    # Axis 0 follows the acquisition (k); sagittal P-I-R: slices toward L, rows down toward I, columns P.
+    if axcodes == ("P", "I", "R"):
+        np.testing.assert_array_equal(volume.data, raw.transpose(2, 1, 0)[::-1])
 
     saved = save_nifti(volume.data, volume.geometry, tmp_path / "back.nii.gz", is_label=False)
     raw_saved, saved_affine = _on_disk(saved)
@@ -253,11 +254,13 @@ def test_bad_files_and_folders_raise_volume_read_error(shared_data, tmp_path):
             load_volume(path)
 
 
-def test_4d_loads_first_volume_with_warning(tmp_path):
+def test_4d_loads_every_phase_and_saves_back(tmp_path):
     data = np.stack([np.full((3, 4, 5), t, np.int16) for t in range(3)], axis=-1) + 200
     volume = load_volume(_write_nifti(tmp_path / "cine.nii.gz", data, np.eye(4)))
-    assert volume.shape == (5, 4, 3) and np.all(volume.data == 200)
-    assert volume.meta["warnings"][0].startswith("cine: 4D series with 3 volumes: loaded the first")
+    assert volume.shape == (3, 5, 4, 3) and volume.n_phases == 3 and volume.meta["warnings"] == []
+    assert [int(volume.phase(t).data.max()) for t in range(3)] == [200, 201, 202]
+    saved = save_nifti(volume.data, volume.geometry, tmp_path / "back.nii.gz", is_label=False)
+    np.testing.assert_array_equal(np.asarray(nib.load(saved).dataobj), data)
 
     single = load_volume(_write_nifti(tmp_path / "t1.nii.gz", data[..., :1], np.eye(4)))
     assert single.shape == (5, 4, 3) and single.meta["warnings"] == []

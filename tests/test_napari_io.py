@@ -90,9 +90,13 @@ def test_reader_shows_load_warnings(tmp_path, monkeypatch):
     shown = []
     monkeypatch.setattr(napari.utils.notifications, "show_warning", shown.append)
     path = tmp_path / "cine.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros((3, 4, 5, 2), np.float32), np.eye(4)), path)
-    get_reader(str(path))(str(path))
-    assert len(shown) == 1 and "4D series with 2 volumes" in shown[0]
+    nib.save(nib.Nifti1Image(np.zeros((3, 4, 5), np.float32), np.diag([1.0, 1, 1, 1])), path)
+    image = nib.load(path)
+    image.header["pixdim"][1:4] = (2.0, 2.0, 5.0)  # a unit-scaled sform beside the real voxel size
+    nib.save(image, path)
+    layers = get_reader(str(path))(str(path))
+    assert len(shown) == 1 and "used pixdim" in shown[0]
+    assert layers[0][1]["scale"] == (5.0, 2.0, 2.0)
 
 
 def test_writers_put_layers_back_on_the_source_grid(chaos_case, tmp_path):

@@ -81,7 +81,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def cmd_predict(args) -> int:
-    from .inference import predict_volume
+    from .inference import model_plane, segment
     from .io import load_volume, save_nifti
     from .metrics import class_sizes
     from .models.store import load_model
@@ -99,22 +99,25 @@ def cmd_predict(args) -> int:
             continue
         for warning in volume.meta.get("warnings", []):
             print(f"warning: {path.name}: {warning}", file=sys.stderr)
-        bar = _progress_bar(volume.shape[0], path.name, unit="slice")
+        phases = f", {volume.n_phases} phases" if volume.n_phases else ""
+        print(f"{path.name}: {volume.geometry.describe_plane()} acquisition{phases}; model slices in its "
+              f"{model_plane(model)} plane", file=sys.stderr)
+        bar = _progress_bar(volume.shape[-3] * (volume.n_phases or 1), path.name, unit="slice")
 
         def progress(done, total, bar=bar):
             bar.total = total
             bar.n = done
             bar.refresh()
 
-        pred = predict_volume(model, volume.data, spacing_mm=volume.spacing_mm, modality=volume.modality,
-                              device=args.device, keep_largest=args.keep_largest, progress=progress)
+        labels = segment(model, volume, device=args.device, keep_largest=args.keep_largest, progress=progress)
         bar.close()
-        for warning in pred.warnings:
+        for warning in labels.meta["warnings"]:
             print(f"warning: {path.name}: {warning}", file=sys.stderr)
         target = outdir / f"{_nifti_stem(path)}.nii.gz"
-        save_nifti(pred.labels, volume.geometry, target, is_label=True)
-        sizes = class_sizes(pred.labels, model.classes, volume.geometry)
-        print(f"{target}\t" + "\t".join(f"{n}={v}" for n, v in sizes.items()))
+        save_nifti(labels.data, labels.geometry, target, is_label=True)
+        first = labels.phase(0).data if labels.n_phases else labels.data
+        sizes = class_sizes(first, model.classes, volume.geometry)
+        print(f"{target}\t" + ("phase 0: " if labels.n_phases else "") + "\t".join(f"{n}={v}" for n, v in sizes.items()))
     return 1 if failures else 0
 
 
@@ -181,7 +184,7 @@ def cmd_evaluate(args) -> int:
     if args.model:
         from .models.store import read_card
 
-        classes = {int(k): v for k, v in read_card(args.model)["classes"].items() if int(k) > 0}
+        classes = read_card(args.model).foreground
     per_case, rows = {}, []
     for pred_path in preds:
         ref_path = ref_dir / pred_path.name if ref_dir.is_dir() else ref_dir
@@ -218,22 +221,21 @@ def cmd_info(args) -> int:
 
     card = read_card(args.model)
     if args.json:
-        print(json.dumps(card, indent=2))
+        print(json.dumps(card.to_dict(), indent=2))
         return 0
-    training = card.get("training", {})
-    print(f"{card['name']}  ({resolve_model_path(args.model)})")
-    if card.get("description"):
-        print(f"  {card['description']}")
-    print(f"  modalities: {', '.join(card['modalities'])}; patch {card['patch_size']}; "
-          f"target spacing {card.get('target_spacing_mm')} mm")
-    print("  classes: " + ", ".join(f"{k}={v}" for k, v in card["classes"].items()))
-    if training:
-        print(f"  trained: {training.get('method')} for {training.get('iterations')} iterations, "
-              f"{training.get('wall_time_s')} s on {training.get('hardware')}")
-    scores = card.get("val_scores") or {}
-    if scores.get("mean") is not None:
-        print(f"  val mean Dice: {100 * scores['mean']:.1f} %")
-    print(f"  external modules: {'yes (' + card['modules']['kind'] + ')' if card.get('modules') else 'no'}")
+    training = card.training
+    print(f"{card.name}  ({resolve_model_path(args.model)})")
+    if card.description:
+        print(f"  {card.description}")
+    print(f"  modalities: {', '.join(card.modalities)}; patch {card.patch_size}; "
+          f"target spacing {card.target_spacing_mm} mm; slices in the {card.plane} plane")
+    print("  classes: " + ", ".join(f"{k}={v}" for k, v in card.classes.items()))
+    if training.method:
+        print(f"  trained: {training.method} for {training.iterations} iterations, "
+              f"{training.wall_time_s} s on {training.hardware}")
+    if card.val_scores.get("mean") is not None:
+        print(f"  val mean Dice: {100 * card.val_scores['mean']:.1f} %")
+    print(f"  external modules: {'yes (' + card.modules['kind'] + ')' if card.modules else 'no'}")
     return 0
 
 

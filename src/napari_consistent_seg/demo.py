@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConsistentSegError
-from .inference import predict_volume
-from .io import Geometry, load_volume, make_phantom, save_nifti
+from .inference import predict_volume, segment
+from .io import Geometry, Volume, load_volume, make_phantom, save_nifti
 from .metrics import class_sizes, dice
 from .models.store import Model, load_model
 from .training.data import map_labels
@@ -27,6 +27,8 @@ DEFAULT_CASES = [
     ("abdomen-ct-mri", "btcv_ct", "case_14", "CT"),
     ("abdomen-ct-mri", "chaos_t2", "case_31", "MR"),
 ]
+# The real cine DICOM series segmented phase by phase; its ED and ES phases have expert contours.
+SUNNYBROOK_PATIENT = "SCD0000301"
 
 
 def find_shared_data() -> Path | None:
@@ -65,19 +67,73 @@ def _report(model: Model, labels: np.ndarray, geometry: Geometry, scores: dict[s
     return "\n".join(lines)
 
 
+def _describe(volume: Volume) -> str:
+    spacing = f"spacing {tuple(round(s, 2) for s in volume.spacing_mm)} mm" if volume.geometry.spacing_known else \
+        "identity affine: voxel size unknown, sizes in voxels"
+    return f"{volume.modality}, {volume.shape}, {volume.geometry.describe_plane()}, {spacing}"
+
+
 def _segment_file(model: Model, path: Path, output: Path, device, reference: np.ndarray | None,
                   modality: str | None = None) -> None:
     volume = load_volume(path, modality=modality)
-    pred = predict_volume(model, volume.data, spacing_mm=volume.spacing_mm, modality=volume.modality, device=device)
+    labels = segment(model, volume, device=device)
     stem = path.name.split(".nii")[0]
-    target = save_nifti(pred.labels, volume.geometry, output / f"{stem}_{model.name}.nii.gz")
-    spacing = f"spacing {tuple(round(s, 2) for s in volume.spacing_mm)} mm" if volume.geometry.spacing_known else \
-        "identity affine: voxel size unknown, sizes in voxels"
-    print(f"{path.name} ({volume.modality}, {volume.shape}, {spacing}) -> {target}")
-    for w in pred.warnings:
+    target = save_nifti(labels.data, volume.geometry, output / f"{stem}_{model.name}.nii.gz")
+    print(f"{path.name} ({_describe(volume)}) -> {target}")
+    for w in labels.meta["warnings"]:
         print(f"    warning: {w}")
-    scores = None if reference is None else _dice_by_class(model, pred.labels, reference)
-    print(_report(model, pred.labels, volume.geometry, scores))
+    first = labels.phase(0).data
+    scores = None if reference is None else _dice_by_class(model, first, reference)
+    print(_report(model, first, volume.geometry, scores))
+
+
+def matching_phase(cine: Volume, volume: Volume) -> int | None:
+    """Index of the cine phase whose voxels equal ``volume``'s (e.g. an exported ED frame), or None."""
+    if cine.n_phases is None or cine.shape[1:] != volume.shape:
+        return None
+    for t in range(cine.n_phases):
+        if np.array_equal(cine.data[t], volume.data):
+            return t
+    return None
+
+
+def contoured_dice(labels: np.ndarray, reference: np.ndarray, classes: dict) -> dict[str, float]:
+    """Dice of the classes the reference holds, on the slices (axis 0) it contours at all: the
+    Sunnybrook experts drew only some slices and, at ES, only the LV cavity."""
+    slices = np.flatnonzero(reference.reshape(reference.shape[0], -1).any(1))
+    present = set(np.unique(reference[slices]).tolist()) - {0}
+    return {name: dice(labels[slices], reference[slices], k) for k, name in classes.items() if k in present}
+
+
+def sunnybrook_demo(data: Path, output: Path, device=None) -> dict[str, dict[str, float]]:
+    """Segment every phase of the Sunnybrook cine DICOM series with the cardiac model; print Dice
+    against the expert ED / ES contours (NIfTI copies of two phases) and, where the function module
+    is there, the cardiac function table. Returns {"ED": {class: Dice}, "ES": ...}."""
+    folder = data / "sunnybrook_cine"
+    cine = load_volume(folder / "dicom" / SUNNYBROOK_PATIENT)
+    model = load_model("cardiac-cine-mri", with_modules=False)
+    labels = segment(model, cine, device=device)
+    target = save_nifti(labels.data, cine.geometry, output / f"{SUNNYBROOK_PATIENT}_cine_{model.name}.nii.gz")
+    print(f"Sunnybrook cine DICOM {SUNNYBROOK_PATIENT} ({_describe(cine)}) -> {target}")
+    scores = {}
+    for frame in ("ED", "ES"):
+        image = load_volume(folder / "images" / f"{SUNNYBROOK_PATIENT}_{frame}.nii.gz")
+        reference = load_volume(folder / "labels" / f"{SUNNYBROOK_PATIENT}_{frame}.nii.gz").data
+        t = matching_phase(cine, image)
+        if t is None:
+            print(f"    {frame}: no cine phase matches the exported {frame} frame; not scored")
+            continue
+        scores[frame] = contoured_dice(labels.data[t], reference, model.classes)
+        text = ", ".join(f"{name} {100 * value:.1f} %" for name, value in scores[frame].items())
+        print(f"    {frame} = phase {t}: Dice on the contoured slices: {text}")
+    try:
+        from .cardiac import cardiac_function, function_table
+    except ImportError:  # the function module is optional for the demo
+        return scores
+    spacing = cine.spacing_mm if cine.geometry.spacing_known else None
+    result = cardiac_function(labels.data, spacing)
+    print(function_table(result, title=f"cardiac function of the Sunnybrook cine ({model.name})"))
+    return scores
 
 
 def _phantom_demo(output: Path, device, steps: int = 40) -> dict[str, dict[str, float]]:
@@ -133,4 +189,6 @@ def run_demo(inputs: list[str], *, output: Path, device=None, model_name: str = 
         reference = map_labels(load_volume(data / dataset / "labels" / f"{case}.nii.gz").data,
                                _label_map_for(model, dataset))
         _segment_file(model, data / dataset / "images" / f"{case}.nii.gz", output, device, reference, modality)
+    if (data / "sunnybrook_cine" / "dicom" / SUNNYBROOK_PATIENT).is_dir():
+        sunnybrook_demo(data, output, device)
     return 0

@@ -1,8 +1,10 @@
 """Prediction and class-attention maps for a whole volume, on the volume's own grid.
 
-2D models run slice by slice along z (the first axis of the canonical (z, y, x) order),
-optionally resampled in-plane to the spacing the model was trained at; 3D models run MONAI's
-sliding-window inferer. Long work reports ``progress(done, total)`` and stops when ``cancel``
+`segment` takes a Volume (3D or cine) and returns its labels Volume: it views the scan in the plane
+the model card names (`plane`: "acquisition" = the scanner's own slices, or "axial"...), runs the
+array-level `predict_volume` and puts the labels back on the source grid, voxel for voxel.
+2D models run slice by slice along axis 0 of the array they get, optionally resampled in-plane to
+the spacing the model was trained at; 3D models run MONAI's sliding-window inferer. Long work reports ``progress(done, total)`` and stops when ``cancel``
 (a callable or a threading.Event) says so, raising :class:`~napari_consistent_seg.errors.Cancelled`.
 """
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from .errors import Cancelled, ConsistentSegError, ShapeMismatchError
 from .intensity import normalise_intensity, spec_for_modality
+from .io.volume import Geometry, Volume
 from .models.store import Model
 
 Progress = Callable[[int, int], None]
@@ -187,6 +190,90 @@ def predict_volume(
     if np.asarray(data).ndim == 2:
         labels, probs = labels[0], probs[:, 0]
     return Prediction(labels, probs if return_probabilities else None, prepared.modality, prepared.warnings)
+
+
+def model_plane(model: Model) -> str:
+    """The plane a model slices in: the card's `plane`; "axial" for cards that predate it and for
+    3D models (their windows follow the patient axes, as in training)."""
+    if model.spatial_dims != 2:
+        return "axial"
+    card = model.card
+    plane = card.plane if hasattr(card, "plane") else card.get("plane")
+    return plane or "axial"
+
+
+def model_view(model: Model, volume: Volume) -> Geometry:
+    """The geometry whose axis 0 runs along the model's slicing plane, on the volume's source grid."""
+    return volume.geometry.view(model_plane(model))
+
+
+def segment(
+    model: Model,
+    volume: Volume,
+    *,
+    phases=None,
+    device=None,
+    batch_size: int = 8,
+    keep_largest: bool | None = None,
+    return_probabilities: bool = False,
+    progress: Progress | None = None,
+    cancel=None,
+) -> Volume:
+    """Segment a scan: a Volume (Z, Y, X) or cine (T, Z, Y, X) in, its labels Volume out (uint8, same
+    grid and shape, named ``"<scan> labels"``, classes in ``meta["class_names"]``).
+
+    The model sees the scan in its card's plane (`model_view`); labels come back on the scan's grid.
+    ``phases``: for a cine, segment only these phases (the others stay 0); None = all.
+    ``return_probabilities``: ``meta["probabilities"]`` holds (K, [T,] Z, Y, X) float16 (3D or all phases).
+    Warnings (modality, spacing) are in ``meta["warnings"]``. Progress counts slices over all phases.
+    """
+    if volume.is_label:
+        raise ConsistentSegError(f"{volume.name!r} is a label map, not a scan: choose the image to segment.")
+    view = model_view(model, volume)
+    n_phases = volume.n_phases
+    chosen = [None] if n_phases is None else (list(range(n_phases)) if phases is None else
+                                               sorted({int(t) % n_phases for t in phases}))
+    labels = np.zeros(volume.shape, np.uint8)
+    probabilities = None
+    warnings: list[str] = []
+    n_slices = view.shape_zyx[0] if view.shape_zyx is not None else volume.shape[-3]
+    for index, t in enumerate(chosen):
+        scan = volume if t is None else volume.phase(t)
+
+        def phase_progress(done, total, offset=index * n_slices):
+            if progress is not None:
+                progress(offset + done, len(chosen) * n_slices)
+
+        prediction = predict_volume(
+            model, volume.geometry.transfer(scan.data, view), spacing_mm=view.spacing_mm,
+            modality=volume.modality, device=device, batch_size=batch_size, keep_largest=keep_largest,
+            return_probabilities=return_probabilities, progress=phase_progress, cancel=cancel,
+        )
+        result = view.transfer(prediction.labels, volume.geometry)
+        if t is None:
+            labels[...] = result
+        else:
+            labels[t] = result
+        warnings.extend(w for w in prediction.warnings if w not in warnings)
+        if return_probabilities:
+            probs = np.stack([view.transfer(p, volume.geometry) for p in prediction.probabilities]).astype(np.float16)
+            if t is None:
+                probabilities = probs
+            else:
+                if probabilities is None:
+                    probabilities = np.zeros((probs.shape[0], *volume.shape), np.float16)
+                probabilities[:, t] = probs
+    meta = {
+        "source": volume.meta.get("source", ""),
+        "model": model.name,
+        "class_names": {int(k): v for k, v in model.classes.items() if int(k) != 0},
+        "warnings": warnings,
+        "plane": model_plane(model),
+        **({"phase_times_ms": volume.meta["phase_times_ms"]} if volume.meta.get("phase_times_ms") else {}),
+    }
+    if probabilities is not None:
+        meta["probabilities"] = probabilities
+    return volume.with_data(labels, name=f"{volume.name} labels", is_label=True, meta=meta)
 
 
 def keep_largest_components(labels: np.ndarray) -> np.ndarray:

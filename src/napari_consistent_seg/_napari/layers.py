@@ -15,14 +15,25 @@ METADATA_KEY = "consistent_seg"
 
 
 def volume_to_layer_data(volume: Volume) -> tuple[np.ndarray, dict, str]:
-    """(data, kwargs, "image" | "labels") with scale = spacing_mm (z, y, x) and our metadata."""
+    """(data, kwargs, "image" | "labels") with scale = spacing_mm (z, y, x) and our metadata.
+
+    The slider runs through the scanner's slices (volume order, docs/io.md); a cine gets a phase
+    slider in front (scale 1 per phase). The full affine travels in the metadata.
+    """
     ours = {
         "geometry": volume.geometry.to_dict(),
         "modality": volume.modality,
         "source": volume.meta.get("source", ""),
         "warnings": list(volume.meta.get("warnings", [])),
     }
-    kwargs = {"name": volume.name, "scale": tuple(volume.spacing_mm), "metadata": {METADATA_KEY: ours}}
+    scale = tuple(volume.spacing_mm)
+    axis_labels = ("slice", "row", "column")
+    if volume.n_phases is not None:
+        scale, axis_labels = (1.0, *scale), ("phase", *axis_labels)
+        if volume.meta.get("phase_times_ms"):
+            ours["phase_times_ms"] = list(volume.meta["phase_times_ms"])
+    kwargs = {"name": volume.name, "scale": scale, "axis_labels": axis_labels,
+              "metadata": {METADATA_KEY: ours}}
     if volume.is_label:
         class_names = volume.meta.get("class_names")
         if class_names:
@@ -41,8 +52,8 @@ def volume_to_layer_data(volume: Volume) -> tuple[np.ndarray, dict, str]:
 def volume_from_layer_data(data, meta: dict, layer_type: str) -> Volume:
     """Volume from a layer data tuple, the form napari writers receive (data, layer state, type).
 
-    2D data becomes Z=1. Raises ShapeMismatchError for data of more than 3 dimensions and
-    ConsistentSegError for RGB images.
+    2D data becomes Z=1; 4D data is a cine (T, Z, Y, X). Raises ShapeMismatchError for data of more
+    than 4 dimensions and ConsistentSegError for RGB images.
     """
     if meta.get("multiscale"):
         data = data[0]
@@ -51,19 +62,20 @@ def volume_from_layer_data(data, meta: dict, layer_type: str) -> Volume:
     array = np.asarray(data)
     if array.ndim == 2:
         array = array[np.newaxis]
-    if array.ndim != 3:
+    if array.ndim not in (3, 4):
         raise ShapeMismatchError(
-            f"The layer has {array.ndim} dimensions {array.shape}; only a 2D or 3D (z, y, x) layer "
-            "can be a volume: take one time point or channel first."
+            f"The layer has {array.ndim} dimensions {array.shape}; only a 2D, 3D (z, y, x) or cine "
+            "(t, z, y, x) layer can be a volume: take one channel first."
         )
     ours = (meta.get("metadata") or {}).get(METADATA_KEY, {})
     return Volume(
         data=array,
-        geometry=_geometry(array.shape, meta.get("scale"), ours.get("geometry")),
+        geometry=_geometry(array.shape[-3:], meta.get("scale"), ours.get("geometry")),
         modality=ours.get("modality", "unknown"),
         name=meta.get("name", ""),
         is_label=layer_type == "labels",
-        meta={"source": ours.get("source", ""), "warnings": []},
+        meta={"source": ours.get("source", ""), "warnings": [],
+              **({"phase_times_ms": ours["phase_times_ms"]} if ours.get("phase_times_ms") else {})},
     )
 
 

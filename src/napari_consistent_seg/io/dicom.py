@@ -47,7 +47,8 @@ def read_dicom(path) -> Volume:
 
     A folder with several series: the one with most slices is loaded and the others are named in
     meta["warnings"]. Slices are sorted along the slice normal; rescale slope/intercept are applied
-    (CT in HU): data is int16 when that is exact, else float32.
+    (CT in HU): data is int16 when that is exact, else float32. A cine series (several images per
+    slice position, told apart by TriggerTime) loads as one (T, Z, Y, X) Volume.
     """
     path = Path(path)
     if not path.exists():
@@ -163,6 +164,7 @@ def _assemble(headers: list, folder: Path, path: Path, warnings: list[str]) -> V
     order = np.argsort(positions_mm @ normal, kind="stable")
     headers = [headers[i] for i in order]
     positions_mm = positions_mm[order]
+    headers, positions_mm, phase_times = _split_phases(headers, positions_mm, normal, folder)
     slice_step = _slice_step(positions_mm, normal, first, folder, warnings)
 
     affine_lps = np.eye(4)
@@ -171,9 +173,11 @@ def _assemble(headers: list, folder: Path, path: Path, warnings: list[str]) -> V
     affine_lps[:3, 2] = slice_step
     affine_lps[:3, 3] = positions_mm[0]
 
-    data_kji, exact_integers = _read_pixels(headers, size)
-    if exact_integers and data_kji.min() >= -32768 and data_kji.max() <= 32767:
-        data_kji = data_kji.astype(np.int16)
+    data, exact_integers = _read_pixels([h for phase in headers for h in phase], size)
+    if exact_integers and data.min() >= -32768 and data.max() <= 32767:
+        data = data.astype(np.int16)
+    n_phases = len(headers)
+    data = data.reshape(n_phases, len(positions_mm), *size)  # (T, K, J, I)
     modality = {"CT": "CT", "MR": "MR"}.get(str(first.get("Modality", "")).upper(), "unknown")
     description = str(first.get("SeriesDescription", "") or "")
     meta = {
@@ -183,10 +187,15 @@ def _assemble(headers: list, folder: Path, path: Path, warnings: list[str]) -> V
         "series_uid": str(first.get("SeriesInstanceUID", "") or ""),
         "series_description": description,
         "dicom_modality": str(first.get("Modality", "")),
-        "n_slices": len(headers),
+        "n_slices": len(positions_mm),
     }
+    if n_phases > 1:
+        meta["phase_times_ms"] = phase_times
+        source = data.transpose(3, 2, 1, 0)  # (I, J, K, T)
+    else:
+        source = data[0].transpose(2, 1, 0)
     return volume_from_source(
-        data_kji.transpose(2, 1, 0),
+        source,
         _LPS_TO_RAS @ affine_lps,
         name=description or folder.name,
         meta=meta,
@@ -195,18 +204,75 @@ def _assemble(headers: list, folder: Path, path: Path, warnings: list[str]) -> V
     )
 
 
+# Slices closer than this along the normal (mm) share a position: phases of a cine.
+_SAME_POSITION_MM = 0.01
+
+
+def _split_phases(headers, positions_mm, normal, folder):
+    """Group a series sorted along the normal into phases: ([phase][slice] headers, positions, times).
+
+    One image per position: one phase. Several: a cine, ordered within each position by TriggerTime
+    (else TemporalPositionIdentifier, else InstanceNumber), whatever the order of the files.
+    """
+    along = positions_mm @ normal
+    starts = np.flatnonzero(np.diff(along, prepend=-np.inf) > _SAME_POSITION_MM)
+    groups = np.split(np.arange(len(headers)), starts[1:])
+    if len(groups) == len(headers):
+        return [headers], positions_mm, None
+    counts = sorted({len(g) for g in groups})
+    if len(counts) > 1:
+        raise VolumeReadError(
+            f"The series in {folder} has {len(headers)} images at {len(groups)} slice positions, with "
+            f"{counts[0]} to {counts[-1]} images per position (an incomplete cine?): export it again, "
+            "or move each time point to its own folder."
+        )
+    time_key = _time_key(headers, groups)
+    if time_key is None:
+        raise VolumeReadError(
+            f"The series in {folder} has {len(headers)} images at only {len(groups)} positions and no "
+            "trigger times or temporal positions that tell them apart: it holds several volumes "
+            "(echoes or repeats). Export each to its own folder."
+        )
+    phases = [[] for _ in range(counts[0])]
+    times = np.zeros((counts[0], len(groups)))
+    for k, group in enumerate(groups):
+        ranked = sorted(group, key=lambda i: time_key(headers[i][1]))
+        for t, i in enumerate(ranked):
+            phases[t].append(headers[i])
+            times[t, k] = _float_tag(headers[i][1], "TriggerTime")
+    positions = positions_mm[[g[0] for g in groups]]
+    phase_times = [float(v) for v in np.nanmean(times, axis=1)] if np.isfinite(times).all() else None
+    return phases, positions, phase_times
+
+
+def _float_tag(header, tag: str) -> float:
+    value = header.get(tag, None)
+    try:
+        return float(value) if value not in (None, "") else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _time_key(headers, groups):
+    """A header -> sort key that tells the images of each position apart, or None if no tag does."""
+    for tag in ("TriggerTime", "TemporalPositionIdentifier", "InstanceNumber"):
+        ok = True
+        for group in groups:
+            values = [_float_tag(headers[i][1], tag) for i in group]
+            if not np.isfinite(values).all() or len(set(values)) < len(values):
+                ok = False
+                break
+        if ok:
+            return lambda header, tag=tag: _float_tag(header, tag)
+    return None
+
+
 def _slice_step(positions_mm, normal, first, folder, warnings) -> np.ndarray:
-    """Vector (mm, LPS) from one slice to the next; warns on uneven gaps, raises on repeats."""
+    """Vector (mm, LPS) from one slice position to the next; warns on uneven gaps."""
     if len(positions_mm) == 1:
         thickness = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 1)
         return normal * thickness
     gaps_mm = np.diff(positions_mm @ normal)
-    if gaps_mm.min() < 1e-3:
-        n_positions = len(np.unique(np.round(positions_mm @ normal, 3)))
-        raise VolumeReadError(
-            f"The series in {folder} has {len(positions_mm)} slices at only {n_positions} positions: "
-            "it holds several volumes (echoes, phases or time points). Export each to its own folder."
-        )
     if gaps_mm.max() - gaps_mm.min() > 0.01 * gaps_mm.mean():
         warnings.append(
             f"Slice gaps vary from {gaps_mm.min():.3g} to {gaps_mm.max():.3g} mm (missing slices?); "

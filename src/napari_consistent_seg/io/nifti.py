@@ -28,9 +28,12 @@ def nifti_stem(path) -> str:
 
 
 def read_nifti(path) -> Volume:
-    """Load a 2D, 3D or 4D NIfTI file as a Volume (4D: the first volume, with a warning).
+    """Load a 2D, 3D or 4D NIfTI file as a Volume; 4D (x, y, z, t) is a cine: data (T, Z, Y, X).
 
-    2D images become Z=1 volumes; trailing dimensions of size 1 are dropped; 5D+ raises.
+    2D images become Z=1 volumes; trailing dimensions of size 1 are dropped; 5D+ raises. How the
+    header is read (sform or qform, pixdim, slice axis, complex data) is decided in `_header_affine`
+    and `_slice_axis` and written down in docs/io.md; every decision that changes what the file
+    says is reported in meta["warnings"].
     """
     path = Path(path)
     if not path.is_file():
@@ -40,55 +43,142 @@ def read_nifti(path) -> Volume:
     try:
         # No memory map: a mapped file stays open (locked on Windows) and could not be saved over.
         image = nib.load(path, mmap=False)
+        header = image.header
+        shape = tuple(int(n) for n in image.shape)
+        dtype = header.get_data_dtype()
     except Exception as error:  # nibabel raises several types for files that are not NIfTI
         raise VolumeReadError(
             f"{path} is not a readable NIfTI image ({type(error).__name__}: {error}). "
             "Check that it is a .nii/.nii.gz file and not another format renamed."
         ) from error
-
-    shape = tuple(image.shape)
+    if not isinstance(header, nib.Nifti1Header):
+        raise VolumeReadError(f"{path} is not a NIfTI-1/2 image ({type(image).__name__}): convert it to NIfTI.")
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) > 4:
         raise VolumeReadError(
-            f"{path} holds {len(shape)}D data of shape {image.shape}; only 2D, 3D and 4D scans can be "
-            "opened: extract the 3D volume you need first (e.g. with nibabel or fslroi)."
+            f"{path} holds {len(shape)}D data of shape {image.shape}; only 2D, 3D and 4D (cine) scans "
+            "can be opened: extract the 3D or 4D series you need first (e.g. with nibabel or fslroi)."
         )
     if len(shape) < 2 or 0 in shape:
         raise VolumeReadError(f"{path} holds no image (shape {image.shape}): re-export the scan.")
-    if len(shape) == 4:
-        warnings.append(
-            f"{name}: 4D series with {shape[3]} volumes: loaded the first; split the file "
-            "(e.g. fslsplit or nibabel) to open the others."
+    if dtype.fields is not None:
+        raise VolumeReadError(
+            f"{path} holds colour (RGB) voxels, not CT/MR intensities: open the grey-level scan, or "
+            "convert this one to grey levels first."
         )
-    # Slicing the proxy reads only the first volume of a 4D file.
-    index = (slice(None),) * min(len(shape), 3) + (0,) * (len(image.shape) - min(len(shape), 3))
     try:
-        data = np.asanyarray(image.dataobj[index])
+        data = np.asanyarray(image.dataobj).reshape(shape + (1,) * (3 - len(shape)))
     except Exception as error:  # gzip, zlib and EOF errors of truncated or corrupt files
         raise VolumeReadError(
             f"{path} is truncated or corrupt: the header was read but the voxel data could not be "
             f"({type(error).__name__}: {error}). Copy or download the file again."
         ) from error
-    if data.ndim == 2:
-        data = data[:, :, np.newaxis]
+    if np.iscomplexobj(data):
+        data = np.abs(data).astype(np.float32)
+        warnings.append(f"{name}: complex voxels; loaded their magnitude.")
+    elif data.dtype == bool:
+        data = data.astype(np.uint8)
 
-    affine = image.affine
-    if not np.isfinite(affine).all() or np.linalg.matrix_rank(affine[:3, :3]) < 3:
-        zooms = (list(image.header.get_zooms()[:3]) + [1.0, 1.0])[:3]
-        affine = np.diag([float(z) or 1.0 for z in zooms] + [1.0])
-        warnings.append(f"{name}: the header affine is degenerate; used the voxel sizes only.")
-
+    affine = _header_affine(header, name, warnings)
     meta = {"source": str(path), "format": "nifti", "warnings": warnings}
-    return volume_from_source(data, affine, name=name, meta=meta, path=path)
+    if data.ndim == 4:
+        meta["phase_interval_ms"] = _phase_interval_ms(header)
+    return volume_from_source(data, affine, name=name, meta=meta, path=path,
+                              slice_axis=_slice_axis(header, affine))
+
+
+# Relative disagreement between an affine's voxel size and pixdim above which pixdim is taken.
+_PIXDIM_TOLERANCE = 0.01
+# sform and qform "agree" if no entry of their 3x4 part differs by more than this (mm).
+_FORM_TOLERANCE_MM = 1e-3
+
+
+def _valid_affine(affine) -> bool:
+    return affine is not None and np.isfinite(affine).all() and np.linalg.matrix_rank(affine[:3, :3]) == 3
+
+
+def _header_affine(header: nib.Nifti1Header, name: str, warnings: list[str]) -> np.ndarray:
+    """The voxel-to-RAS+ affine a NIfTI header means (docs/io.md, "Headers as they come").
+
+    1. sform if its code is set and it is usable, else qform if set and usable (as nibabel and FSL);
+       disagreeing forms are reported.
+    2. A usable affine whose voxel size disagrees with pixdim (e.g. ACDC's unit-scaled sform with
+       1.56 x 1.56 x 10 mm in pixdim) keeps its directions and origin and takes pixdim's lengths, as ITK.
+    3. Neither form usable: pixdim as the voxel size (1 mm where zero or not a number), LPS-free
+       diag orientation, reported: sizes in mm are then only as good as pixdim.
+    """
+    with np.errstate(all="ignore"):
+        sform, sform_code = header.get_sform(coded=True)
+        try:
+            qform, qform_code = header.get_qform(coded=True)
+        except Exception:  # a qform quaternion that is not a rotation
+            qform, qform_code = None, 0
+        pixdim = np.abs(np.asarray(header["pixdim"][1:4], dtype=float))
+    sform_ok = bool(sform_code) and _valid_affine(sform)
+    qform_ok = bool(qform_code) and _valid_affine(qform)
+    if sform_ok:
+        affine = np.array(sform, dtype=float)
+        if qform_ok and np.abs(sform[:3] - qform[:3]).max() > _FORM_TOLERANCE_MM:
+            warnings.append(
+                f"{name}: the header's sform and qform disagree (by up to "
+                f"{np.abs(sform[:3] - qform[:3]).max():.3g} mm); used the sform, as nibabel and FSL do. "
+                "If the scan looks misplaced against other files, check its export."
+            )
+    elif qform_ok:
+        affine = np.array(qform, dtype=float)
+        if sform_code:
+            warnings.append(f"{name}: the header's sform is unusable (degenerate); used the qform.")
+    else:
+        zooms = [p if np.isfinite(p) and p > 0 else 1.0 for p in pixdim]
+        affine = np.diag(zooms + [1.0])
+        if sform_code or qform_code:
+            warnings.append(
+                f"{name}: the header affine is degenerate; used the voxel sizes only "
+                f"({' x '.join(f'{z:g}' for z in zooms)} mm) with an assumed orientation."
+            )
+        return affine
+    lengths = np.linalg.norm(affine[:3, :3], axis=0)
+    pixdim_usable = bool(np.all(np.isfinite(pixdim)) and np.all(pixdim > 0))
+    if pixdim_usable and np.any(np.abs(lengths - pixdim) > _PIXDIM_TOLERANCE * pixdim):
+        affine[:3, :3] = affine[:3, :3] / lengths * pixdim
+        warnings.append(
+            f"{name}: the header's affine gives {' x '.join(f'{v:.3g}' for v in lengths)} mm voxels "
+            f"but pixdim says {' x '.join(f'{v:.3g}' for v in pixdim)} mm; used pixdim, as ITK does."
+        )
+    return affine
+
+
+def _slice_axis(header: nib.Nifti1Header, affine: np.ndarray) -> int:
+    """The source axis the slices were acquired along: dim_info's slice_dim when the header sets
+    it; else the one axis at least 1.5x thicker than the others (2D multi-slice scans); else k."""
+    try:
+        slice_dim = header.get_dim_info()[2]
+    except Exception:
+        slice_dim = None
+    if slice_dim in (0, 1, 2):
+        return int(slice_dim)
+    lengths = np.linalg.norm(affine[:3, :3], axis=0)
+    thickest = int(np.argmax(lengths))
+    others = np.delete(lengths, thickest)
+    return thickest if np.all(lengths[thickest] >= 1.5 * others) else 2
+
+
+def _phase_interval_ms(header: nib.Nifti1Header) -> float | None:
+    """Time between the volumes of a 4D file in ms (pixdim[4] in the header's time unit), if given."""
+    step = float(header["pixdim"][4])
+    unit = header.get_xyzt_units()[1]
+    factor = {"sec": 1000.0, "msec": 1.0, "usec": 0.001}.get(unit)
+    return step * factor if factor and np.isfinite(step) and step > 0 else None
 
 
 def save_nifti(array_zyx, geometry: Geometry, path, *, is_label: bool = True) -> Path:
-    """Write a canonical (Z, Y, X) array as NIfTI on the source grid, with its affine.
+    """Write a volume-order (Z, Y, X) or cine (T, Z, Y, X) array as NIfTI on the source grid
+    (x, y, z[, t]), with its affine.
 
     Labels are stored as uint8 (uint16 above 255, uint32 above 65535), images as float32.
     sform and qform are both set (code 1, scanner). A name without .nii/.nii.gz gets .nii.gz.
-    Raises ShapeMismatchError if the array is not on the geometry's canonical grid.
+    Raises ShapeMismatchError if the array is not on the geometry's grid.
     Returns the path written.
     """
     array_zyx = np.asarray(array_zyx)

@@ -1,6 +1,10 @@
-"""`Volume` and `Geometry`: a scan as a canonical (z, y, x) array plus the grid it came from.
+"""`Volume` and `Geometry`: a scan as an array in acquisition order plus the grid it came from.
 
-Canonical axes: x toward patient Left, y toward Posterior, z toward Superior (LPS); see docs/io.md.
+Volume order (docs/io.md): axis 0 runs through the scanner's slices (the acquisition's through-plane
+axis), axes 1 and 2 are the in-plane rows and columns, flipped so the view is as close to radiological
+as the plane allows. For an axial acquisition this is (z, y, x) with x toward patient Left, y toward
+Posterior, z toward Superior (LPS), as in every training set. A cine adds a leading phase axis:
+(T, Z, Y, X). Every reorientation is a permutation plus flips of the source voxel grid: exact.
 """
 
 from __future__ import annotations
@@ -10,22 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from nibabel.orientations import (
-    apply_orientation,
-    axcodes2ornt,
-    inv_ornt_aff,
-    io_orientation,
-    ornt_transform,
-)
+from nibabel.orientations import apply_orientation, inv_ornt_aff
 
 from ..errors import ConsistentSegError, ShapeMismatchError, VolumeReadError
 
-# The canonical array is the LPS-ordered (i, j, k) array transposed to (k, j, i).
-LPS_ORNT = axcodes2ornt(("L", "P", "S"))
-# (z, y, x, 1) -> (i, j, k, 1): swaps the first and third index.
-_ZYX_TO_IJK = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
-
 MODALITIES = ("CT", "MR", "unknown")
+PLANES = ("axial", "coronal", "sagittal")
 MAX_LABEL_VALUES = 64
 # Soft-tissue window W400/L40, in HU.
 CT_SOFT_TISSUE_WINDOW_HU = (-160.0, 240.0)
@@ -39,50 +33,69 @@ HU_AIR_GUESS_THRESHOLD = -900
 _CT_NAME = re.compile(r"(?:^|[^a-z0-9])ct(?:[^a-z]|$)")
 _MR_NAME = re.compile(r"(?:^|[^a-z0-9])(?:mri?|t1w?|t2w?)(?:[^a-z0-9]|$)")
 
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+# Per plane (named by the patient axis closest to the slice normal): the LPS directions that the
+# slice axis, the rows (down the screen) and the columns (to the right) should follow. Radiological:
+# axial anterior up and patient left on the right; coronal and sagittal head up, sagittal anterior left.
+_PLANE_AXES_LPS = {
+    "sagittal": ((1, 0, 0), (0, 0, -1), (0, 1, 0)),
+    "coronal": ((0, 1, 0), (0, 0, -1), (1, 0, 0)),
+    "axial": ((0, 0, 1), (0, 1, 0), (1, 0, 0)),
+}
+_PLANE_OF_LPS_AXIS = ("sagittal", "coronal", "axial")
+
 
 @dataclass
 class Geometry:
-    """Where the voxels of a canonical (z, y, x) array lie, and how to put them back on the source grid.
+    """Where the voxels of a volume-order (Z, Y, X) array lie, and how to put them back on the source grid.
 
-    `source_shape` is None for a geometry made from spacing alone (`from_spacing` without a shape):
-    it then fits any array shape.
+    source_affine maps source voxel indices (i, j, k) to RAS+ mm (NIfTI convention). slice_axis is the
+    source axis that volume axis 0 runs along; acquisition_axis the one the scanner stepped along
+    (they differ only in a view made for a model trained in another plane, see `view`).
+    `source_shape` is None for a geometry made from spacing alone: it then fits any array shape.
     """
 
     spacing_mm: tuple[float, float, float]
     affine: np.ndarray
     source_affine: np.ndarray
     source_shape: tuple[int, int, int] | None
+    slice_axis: int = 2
+    acquisition_axis: int = 2
+    ornt: np.ndarray = field(default=None, repr=False)
 
     def __eq__(self, other) -> bool:
-        # Same source grid means same geometry; the other fields derive from it.
+        # Same source grid and same view means same geometry; the other fields derive from them.
         return (
             isinstance(other, Geometry)
             and self.source_shape == other.source_shape
+            and self.slice_axis == other.slice_axis
             and np.array_equal(self.source_affine, other.source_affine)
         )
 
     @classmethod
-    def from_source_grid(cls, source_affine, source_shape) -> Geometry:
-        """Geometry of a source voxel grid: `source_affine` maps (i, j, k) to RAS+ mm."""
+    def from_source_grid(cls, source_affine, source_shape, slice_axis: int = 2,
+                         acquisition_axis: int | None = None) -> Geometry:
+        """Geometry of a source voxel grid viewed along `slice_axis` (0, 1 or 2 of the source axes)."""
         source_affine = np.asarray(source_affine, dtype=float)
-        shape_for_flips = source_shape if source_shape is not None else (1, 1, 1)
-        to_lps = _ornt_to_lps(source_affine)
-        lps_affine = source_affine @ inv_ornt_aff(to_lps, shape_for_flips)
-        affine = lps_affine @ _ZYX_TO_IJK
-        spacing_mm = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+        if source_affine.shape != (4, 4) or not np.isfinite(source_affine).all():
+            raise ConsistentSegError("The affine must be a finite 4x4 matrix: fix the header before loading.")
         shape = None if source_shape is None else tuple(int(n) for n in source_shape)
-        return cls(spacing_mm, affine, source_affine, shape)
+        ornt = _volume_ornt(source_affine, int(slice_axis))
+        affine = source_affine @ inv_ornt_aff(ornt, shape if shape is not None else (1, 1, 1))
+        spacing_mm = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+        acquisition_axis = int(slice_axis) if acquisition_axis is None else int(acquisition_axis)
+        return cls(spacing_mm, affine, source_affine, shape, int(slice_axis), acquisition_axis, ornt)
 
     @classmethod
     def from_spacing(cls, spacing_mm, shape_zyx=None) -> Geometry:
-        """Geometry of an array with no source file: canonical grid at the origin.
+        """Geometry of an axial array with no source file: LPS (z, y, x) grid at the origin.
 
         spacing_mm: (z, y, x) voxel size. shape_zyx: the array shape when known (enables shape checks).
-        The source grid is then the canonical array stored in LPS (i, j, k) order.
+        The source grid is then the array stored in LPS (i, j, k) order.
         """
         dz, dy, dx = (float(s) for s in spacing_mm)
         source_affine = np.diag([-dx, -dy, dz, 1.0])  # LPS axes in RAS+ world
-        source_shape = None if shape_zyx is None else tuple(int(n) for n in shape_zyx)[::-1]
+        source_shape = None if shape_zyx is None else tuple(int(n) for n in shape_zyx[-3:])[::-1]
         return cls.from_source_grid(source_affine, source_shape)
 
     @property
@@ -92,38 +105,83 @@ class Geometry:
         return not np.allclose(self.source_affine, np.eye(4))
 
     @property
+    def slice_normal_lps(self) -> np.ndarray:
+        """Unit vector (LPS) along which the acquisition's slices follow one another."""
+        return _unit_directions_lps(self.source_affine)[:, self.acquisition_axis]
+
+    @property
+    def plane(self) -> str:
+        """The anatomical plane closest to the acquisition: "axial", "coronal" or "sagittal"."""
+        return _PLANE_OF_LPS_AXIS[int(np.argmax(np.abs(self.slice_normal_lps)))]
+
+    @property
+    def obliquity_deg(self) -> float:
+        """Angle between the slice normal and the nearest patient axis (0 for a straight plane)."""
+        return float(np.degrees(np.arccos(min(1.0, float(np.abs(self.slice_normal_lps).max())))))
+
+    def describe_plane(self) -> str:
+        """E.g. "axial" or "oblique, closest to coronal (34 deg off)"."""
+        angle = self.obliquity_deg
+        return self.plane if angle < 1.0 else f"oblique, closest to {self.plane} ({angle:.0f} deg off)"
+
+    def view(self, plane: str) -> Geometry:
+        """The same source grid viewed with axis 0 along `plane`: "acquisition", or "axial",
+        "coronal", "sagittal" (axis 0 along the source axis closest to S, P or L)."""
+        if plane == "acquisition":
+            axis = self.acquisition_axis
+        elif plane in PLANES:
+            target = np.asarray(_PLANE_AXES_LPS[plane][0], dtype=float)
+            axis = int(np.argmax(np.abs(target @ _unit_directions_lps(self.source_affine))))
+        else:
+            raise ConsistentSegError(f"Unknown plane {plane!r}: use 'acquisition' or one of {', '.join(PLANES)}.")
+        if axis == self.slice_axis:
+            return self
+        return Geometry.from_source_grid(self.source_affine, self.source_shape, axis, self.acquisition_axis)
+
+    def transfer(self, data: np.ndarray, other: Geometry) -> np.ndarray:
+        """`data` on this geometry's volume order -> the same voxels in `other`'s (same source grid)."""
+        if other is self or np.array_equal(other.ornt, self.ornt):
+            return data
+        return other.from_source(self.to_source(data))
+
+    @property
     def shape_zyx(self) -> tuple[int, int, int] | None:
-        """Canonical array shape (Z, Y, X), or None when the geometry is spacing only."""
+        """Volume-order array shape (Z, Y, X), or None when the geometry is spacing only."""
         if self.source_shape is None:
             return None
-        to_lps = _ornt_to_lps(self.source_affine)
-        shape_lps = [0, 0, 0]
-        for source_axis, (lps_axis, _flip) in enumerate(to_lps):
-            shape_lps[int(lps_axis)] = self.source_shape[source_axis]
-        return tuple(shape_lps[::-1])
+        shape = [0, 0, 0]
+        for source_axis, (volume_axis, _flip) in enumerate(self.ornt):
+            shape[int(volume_axis)] = self.source_shape[source_axis]
+        return tuple(shape)
 
-    def to_source(self, data_zyx: np.ndarray) -> np.ndarray:
-        """Canonical (Z, Y, X) array -> the source file's (I, J, K) voxel order (exact inverse)."""
-        self.check_shape(data_zyx.shape)
-        from_lps = ornt_transform(LPS_ORNT, io_orientation(self.source_affine))
-        return np.ascontiguousarray(apply_orientation(data_zyx.transpose(2, 1, 0), from_lps))
+    def to_source(self, data: np.ndarray) -> np.ndarray:
+        """Volume-order (Z, Y, X) or (T, Z, Y, X) array -> the source file's (I, J, K[, T]) order."""
+        self.check_shape(data.shape)
+        if data.ndim == 4:
+            data = np.moveaxis(data, 0, -1)
+        return np.ascontiguousarray(apply_orientation(data, _inverse_ornt(self.ornt)))
 
     def from_source(self, data_ijk: np.ndarray) -> np.ndarray:
-        """Source (I, J, K) voxel order -> canonical (Z, Y, X) array."""
-        if self.source_shape is not None and tuple(data_ijk.shape[:3]) != self.source_shape:
+        """Source (I, J, K[, T]) voxel order -> volume-order (Z, Y, X) or (T, Z, Y, X) array."""
+        if data_ijk.ndim not in (3, 4) or (
+            self.source_shape is not None and tuple(data_ijk.shape[:3]) != self.source_shape
+        ):
             raise ShapeMismatchError(
                 f"Array of shape {data_ijk.shape} is not on the source grid {self.source_shape}: "
                 "use the geometry of the file the array was read from."
             )
-        lps = apply_orientation(data_ijk, _ornt_to_lps(self.source_affine))
-        return np.ascontiguousarray(lps.transpose(2, 1, 0))
+        data = apply_orientation(data_ijk, self.ornt)
+        if data.ndim == 4:
+            data = np.moveaxis(data, -1, 0)
+        return np.ascontiguousarray(data)
 
-    def check_shape(self, shape_zyx) -> None:
-        """Raise ShapeMismatchError if `shape_zyx` is not this geometry's canonical shape."""
+    def check_shape(self, shape) -> None:
+        """Raise ShapeMismatchError unless `shape` is (Z, Y, X) or (T, Z, Y, X) on this grid."""
+        shape = tuple(shape)
         expected = self.shape_zyx
-        if len(shape_zyx) != 3 or (expected is not None and tuple(shape_zyx) != expected):
+        if len(shape) not in (3, 4) or (expected is not None and shape[-3:] != expected):
             raise ShapeMismatchError(
-                f"Array of shape {tuple(shape_zyx)} does not match the volume grid {expected} (z, y, x): "
+                f"Array of shape {shape} does not match the volume grid {expected} (z, y, x): "
                 "save or compare only arrays made on the grid of the scan they belong to."
             )
 
@@ -134,17 +192,60 @@ class Geometry:
             "affine": self.affine.tolist(),
             "source_affine": self.source_affine.tolist(),
             "source_shape": None if self.source_shape is None else list(self.source_shape),
+            "slice_axis": self.slice_axis,
+            "acquisition_axis": self.acquisition_axis,
+            "plane": self.describe_plane(),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Geometry:
         """Inverse of `to_dict`; the derived fields are recomputed from the source grid."""
-        return cls.from_source_grid(d["source_affine"], d.get("source_shape"))
+        return cls.from_source_grid(d["source_affine"], d.get("source_shape"), d.get("slice_axis", 2),
+                                    d.get("acquisition_axis"))
+
+
+def _unit_directions_lps(source_affine: np.ndarray) -> np.ndarray:
+    """(3, 3): column i is the LPS unit direction of source axis i."""
+    columns = _RAS_TO_LPS @ np.asarray(source_affine, dtype=float)[:3, :3]
+    norms = np.linalg.norm(columns, axis=0)
+    if not np.all(np.isfinite(columns)) or np.any(norms < 1e-12) or abs(np.linalg.det(columns)) < 1e-12 * np.prod(norms):
+        raise ConsistentSegError(
+            "The affine has a zero-length or degenerate axis, so the voxel orientation is unknown: "
+            "fix the header (e.g. with nibabel) before loading."
+        )
+    return columns / norms
+
+
+def _volume_ornt(source_affine: np.ndarray, slice_axis: int) -> np.ndarray:
+    """nibabel orientation (source axis -> [volume axis, flip]) of the volume order along `slice_axis`."""
+    if slice_axis not in (0, 1, 2):
+        raise ConsistentSegError(f"slice_axis must be 0, 1 or 2, not {slice_axis!r}.")
+    directions = _unit_directions_lps(source_affine)
+    normal = directions[:, slice_axis]
+    plane = _PLANE_OF_LPS_AXIS[int(np.argmax(np.abs(normal)))]
+    slice_dir, row_dir, col_dir = (np.asarray(v, dtype=float) for v in _PLANE_AXES_LPS[plane])
+    a, b = (axis for axis in (0, 1, 2) if axis != slice_axis)
+    # Rows and columns: the assignment of the two in-plane axes that best follows the plane's convention.
+    straight = abs(directions[:, a] @ row_dir) + abs(directions[:, b] @ col_dir)
+    swapped = abs(directions[:, b] @ row_dir) + abs(directions[:, a] @ col_dir)
+    row_axis, col_axis = (a, b) if straight >= swapped else (b, a)
+    ornt = np.zeros((3, 2))
+    for source_axis, volume_axis, wanted in ((slice_axis, 0, slice_dir), (row_axis, 1, row_dir), (col_axis, 2, col_dir)):
+        ornt[source_axis] = (volume_axis, -1.0 if directions[:, source_axis] @ wanted < 0 else 1.0)
+    return ornt
+
+
+def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
+    inverse = np.zeros((3, 2))
+    for source_axis, (volume_axis, flip) in enumerate(ornt):
+        inverse[int(volume_axis)] = (source_axis, flip)
+    return inverse
 
 
 @dataclass(eq=False)  # arrays have no single truth value; compare .data and .geometry instead
 class Volume:
-    """A scan or a label map. data: (Z, Y, X) in the canonical orientation (see module docstring)."""
+    """A scan or a label map. data: (Z, Y, X) in volume order (see module docstring), or
+    (T, Z, Y, X) for a cine: one volume per cardiac phase (or time point) on the same grid."""
 
     data: np.ndarray
     geometry: Geometry
@@ -154,8 +255,31 @@ class Volume:
     meta: dict = field(default_factory=dict)
 
     @property
-    def shape(self) -> tuple[int, int, int]:
+    def shape(self) -> tuple[int, ...]:
         return tuple(self.data.shape)
+
+    @property
+    def n_phases(self) -> int | None:
+        """Number of phases of a cine (T of a (T, Z, Y, X) volume); None for a 3D volume."""
+        return int(self.data.shape[0]) if self.data.ndim == 4 else None
+
+    def phase(self, t: int) -> Volume:
+        """Phase `t` of a cine as a 3D Volume (a view, not a copy); a 3D volume answers itself for t=0."""
+        if self.data.ndim == 3:
+            if t != 0:
+                raise ConsistentSegError(f"{self.name or 'this volume'} is 3D: it has phase 0 only.")
+            return self
+        if not -self.data.shape[0] <= t < self.data.shape[0]:
+            raise ConsistentSegError(f"{self.name or 'this cine'} has phases 0..{self.data.shape[0] - 1}, not {t}.")
+        meta = {k: v for k, v in self.meta.items() if k != "phase_times_ms"}
+        return Volume(self.data[t], self.geometry, self.modality, self.name, self.is_label, meta)
+
+    def with_data(self, data: np.ndarray, *, name: str | None = None, is_label: bool | None = None,
+                  meta: dict | None = None) -> Volume:
+        """A Volume on this grid holding `data` (e.g. labels of this scan); the shape is checked."""
+        self.geometry.check_shape(np.shape(data))
+        return Volume(np.asarray(data), self.geometry, self.modality, self.name if name is None else name,
+                      self.is_label if is_label is None else is_label, dict(self.meta if meta is None else meta))
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -202,10 +326,12 @@ def volume_from_source(
     meta: dict,
     modality: str | None = None,
     path: Path | None = None,
+    slice_axis: int = 2,
 ) -> Volume:
-    """The one place a source (I, J, K) array becomes a Volume: NaNs, labels, modality, reorientation.
+    """The one place a source (I, J, K[, T]) array becomes a Volume: NaNs, labels, modality, reorientation.
 
     modality: known modality (DICOM tag), or None to guess from the values and the `path` names.
+    slice_axis: the source axis the scanner stepped along (the acquisition's through-plane axis).
     """
     meta.setdefault("warnings", [])
     data_ijk = _native_byte_order(data_ijk)
@@ -214,7 +340,7 @@ def volume_from_source(
     is_label = looks_like_labels(data_ijk)
     if modality is None:
         modality = guess_modality(data_ijk, path)
-    geometry = Geometry.from_source_grid(source_affine, data_ijk.shape)
+    geometry = Geometry.from_source_grid(source_affine, data_ijk.shape[:3], slice_axis)
     if is_label and "label" not in name.lower() and "seg" not in name.lower():
         name = f"{name} labels"
     return Volume(
@@ -272,16 +398,6 @@ def looks_like_labels(data: np.ndarray) -> bool:
         if len(values) > MAX_LABEL_VALUES:
             return False
     return True
-
-
-def _ornt_to_lps(source_affine: np.ndarray) -> np.ndarray:
-    source_ornt = io_orientation(source_affine)
-    if np.isnan(source_ornt).any():
-        raise ConsistentSegError(
-            "The affine has a zero-length or degenerate axis, so the voxel orientation is unknown: "
-            "fix the header (e.g. with nibabel) before loading."
-        )
-    return ornt_transform(source_ornt, LPS_ORNT)
 
 
 def _subsample(data: np.ndarray, n_max: int = 1_000_000) -> np.ndarray:

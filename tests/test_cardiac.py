@@ -144,3 +144,24 @@ def test_clean_handles_empty_volumes_and_unknown_spacing():
     np.testing.assert_array_equal(clean_cardiac_labels(labels), labels)
     with pytest.raises(ShapeMismatchError):
         clean_cardiac_labels(labels[0])
+
+
+def test_cine_function_segments_every_phase_of_a_cine_volume(monkeypatch):
+    from types import SimpleNamespace
+
+    import napari_consistent_seg.cardiac as cardiac
+    from napari_consistent_seg.io import Geometry, Volume
+
+    def fake(model, phases, **kwargs):
+        return [np.where(np.arange(p.shape[-1]) < int(p.mean()), LV, 0).astype(np.uint8) * np.ones(p.shape, np.uint8)
+                for p in phases]
+
+    monkeypatch.setattr(cardiac, "segment_phases", fake)
+    model = SimpleNamespace(classes={0: "background", 3: "LV cavity"})
+    data = np.stack([np.full((2, 4, 8), w, np.float32) for w in (4, 6, 2)])
+    volume = Volume(data, Geometry.from_spacing((10.0, 1.0, 1.0)), modality="MR")
+    result, labels = cardiac.cine_function(model, volume)
+    assert (result.ed, result.es) == (1, 2) and len(labels) == 3
+    assert result.lv_ef_percent == pytest.approx(100 * 4 / 6) and result.unit == "ml"
+    with pytest.raises(ConsistentSegError, match="not a cine"):
+        cardiac.cine_function(model, Volume(data[0], Geometry.from_spacing((10.0, 1.0, 1.0))))

@@ -467,3 +467,29 @@ def segment_phases(model, phases, *, spacing_mm=None, modality: str | None = "MR
         out.append(clean_cardiac_labels(labels, spacing_mm, classes=labels_of) if clean else labels)
         done += phase.shape[0]
     return out
+
+
+def cine_function(model, volume, *, ed: int | None = None, es: int | None = None, clean: bool = True,
+                  device=None, progress=None, cancel=None) -> tuple[CardiacFunction, list[np.ndarray]]:
+    """Segment every phase of a cine Volume (``n_phases``, ``phase(t)``; or (T, Z, Y, X) data) and
+    compute its function figures; returns (figures, labels per phase).
+
+    ED and ES default to the largest and smallest LV; volumes are voxel counts where the scan does
+    not know its voxel size. Raises ConsistentSegError for a 3D scan (give ED and ES frames to
+    :func:`cardiac_function` instead).
+    """
+    n_phases = getattr(volume, "n_phases", 0) or 0
+    if n_phases:
+        phases = [volume.phase(t).data for t in range(n_phases)]
+    elif np.ndim(volume.data) == 4:
+        phases = list(np.asarray(volume.data))
+    else:
+        raise ConsistentSegError(f"{volume.name or 'the scan'} is one 3D frame, not a cine: segment its ED and "
+                                 "ES frames and pass both label volumes to cardiac_function")
+    spacing = volume.spacing_mm if volume.geometry.spacing_known else None
+    modality = volume.modality if volume.modality != "unknown" else "MR"
+    labels = segment_phases(model, phases, spacing_mm=spacing, modality=modality, clean=clean, device=device,
+                            progress=progress, cancel=cancel)
+    result = cardiac_function(labels, spacing, ed=ed, es=es, labels=CardiacLabels.from_classes(model.classes))
+    result.warnings[:0] = list(volume.meta.get("warnings", []))
+    return result, labels

@@ -48,7 +48,25 @@ def loaded_scan(case: str = "case_31") -> Path:
     return _save(viewer, "napari-loaded-scan.png")
 
 
-SCREENSHOTS = {"loaded_scan": loaded_scan}
+def oblique_cine() -> Path:
+    """The Sunnybrook cine DICOM (double-oblique short axis) opened by the plugin: the slider runs
+    through the scanner's slices, a phase slider in front; segmented at ED by the cardiac model."""
+    viewer = _new_viewer()
+    folder = SHARED_DATA / "sunnybrook_cine" / "dicom" / "SCD0000301"
+    (image,) = viewer.open(str(folder), plugin=PLUGIN)
+    viewer.dims.set_point(0, 19)  # ED
+    viewer.dims.set_point(1, 5 * image.scale[1])  # mid-ventricle
+    widget = _dock(viewer, "Segment", CARDIAC_MODEL)
+    widget.inputs.image.set_layer(image)
+    widget.all_phases.setChecked(False)
+    widget.run()
+    _wait(widget)
+    widget.last_layers[0].opacity = 0.45
+    viewer.reset_view()
+    return _save(viewer, "napari-oblique-cine.png")
+
+
+SCREENSHOTS = {"loaded_scan": loaded_scan, "oblique_cine": oblique_cine}
 
 
 # ---- the four widgets in use (acdc val case, shipped cardiac model) ----

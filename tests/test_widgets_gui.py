@@ -297,3 +297,28 @@ def test_finetune_on_two_painted_slices_raises_dice_on_the_others(make_napari_vi
     print(f"Dice on unpainted slices: {100 * mean_dice(before):.1f} % -> {100 * mean_dice(after):.1f} % "
           f"({finetune.steps_done} steps, painted slices {painted_slices.tolist()})")
     assert mean_dice(after) > mean_dice(before)
+
+
+def test_oblique_cine_opens_in_its_acquisition_plane_and_segments_in_place(make_napari_viewer, qtbot, shared_data):
+    """The Sunnybrook cine DICOM (double-oblique short axis, 20 phases x 10 slices) through the plugin:
+    a phase slider and a slice slider that runs through the scanner's 10 slices; Segment on the
+    shown phase gives a 4D Labels layer whose LV cavity lies on the expert ED contours."""
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(shared_data / "sunnybrook_cine" / "dicom" / "SCD0000301"), plugin=PLUGIN)
+    assert image.data.shape == (20, 10, 256, 256)
+    assert viewer.dims.nsteps[:2] == (20, 10)  # phase slider, then the acquisition's slices
+    assert tuple(image.scale) == pytest.approx((1.0, 8.0, 1.2891, 1.2891), abs=1e-3)
+    assert "oblique" in image.metadata["consistent_seg"]["geometry"]["plane"]
+    viewer.dims.set_point(0, 19)  # the ED phase
+    widget = dock(viewer, "Segment")
+    widget.inputs.model.select(SHIPPED_CARDIAC)
+    widget.all_phases.setChecked(False)
+    assert widget.run()
+    wait_done(qtbot, widget)
+    labels = widget.last_layers[0]
+    assert labels.data.shape == image.data.shape and labels.name.endswith("phase 19")
+    np.testing.assert_allclose(labels.scale, image.scale)
+    assert not labels.data[:19].any()
+    (reference,) = viewer.open(str(shared_data / "sunnybrook_cine" / "labels" / "SCD0000301_ED.nii.gz"), plugin=PLUGIN)
+    contoured = reference.data.reshape(10, -1).any(1)
+    assert dice(labels.data[19][contoured], reference.data[contoured], 3) > 0.8

@@ -312,6 +312,16 @@ def _sliding_window_3d(model: Model, prepared: PreparedInput, device, overlap, p
     return probs[0].float().cpu().numpy()
 
 
+def attention_volume(model: Model, volume: Volume, **options) -> np.ndarray:
+    """`attention_maps` of a 3D Volume in the model's plane, returned on the volume's grid: (K, Z, Y, X)."""
+    if volume.n_phases is not None:
+        raise ConsistentSegError("attention maps take one phase of a cine: pass volume.phase(t)")
+    view = model_view(model, volume)
+    maps = attention_maps(model, volume.geometry.transfer(volume.data, view), spacing_mm=view.spacing_mm,
+                          modality=volume.modality, **options)
+    return np.stack([view.transfer(m, volume.geometry) for m in maps])
+
+
 def attention_maps(
     model: Model,
     data: np.ndarray,

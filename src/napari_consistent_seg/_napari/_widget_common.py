@@ -47,7 +47,8 @@ def unique_layer_name(viewer, base: str) -> str:
 
 
 def volume_of(layer) -> Volume:
-    """The layer as a (Z, Y, X) Volume (data not copied); ConsistentSegError for 4D, RGB, multiscale."""
+    """The layer as a (Z, Y, X) or cine (T, Z, Y, X) Volume (data not copied); ConsistentSegError for
+    RGB and multiscale layers."""
     if layer is None:
         raise ConsistentSegError("Choose a layer first (open a scan with File > Open, or a sample).")
     if getattr(layer, "multiscale", False):
@@ -62,13 +63,26 @@ def current_slice(viewer, layer) -> int:
     return int(np.clip(z, 0, layer.data.shape[-3] - 1))
 
 
-def grid_kwargs(layer) -> dict:
-    """Layer keyword arguments that put a new layer on ``layer``'s grid: scale, translate, our metadata."""
+def grid_kwargs(layer, ndim: int = 3) -> dict:
+    """Layer keyword arguments that put a new layer on ``layer``'s grid: scale, translate, our metadata.
+
+    ndim: 3 for a (Z, Y, X) layer (one phase of a cine), 4 for a whole cine (T, Z, Y, X).
+    """
     ours = dict((layer.metadata or {}).get(METADATA_KEY, {}))
     ours.pop("class_names", None)
     ours["warnings"] = []
-    return {"scale": tuple(layer.scale)[-3:], "translate": tuple(layer.translate)[-3:],
-            "metadata": {METADATA_KEY: ours}}
+    scale, translate = tuple(layer.scale), tuple(layer.translate)
+    if len(scale) < ndim:
+        scale, translate = (1.0,) * (ndim - len(scale)) + scale, (0.0,) * (ndim - len(scale)) + translate
+    return {"scale": scale[-ndim:], "translate": translate[-ndim:], "metadata": {METADATA_KEY: ours}}
+
+
+def current_phase(viewer, layer) -> int | None:
+    """The cine phase (first axis of a 4D layer) the viewer shows, or None for a 3D layer."""
+    if layer.data.ndim != 4:
+        return None
+    t = round((viewer.dims.point[-4] - layer.translate[-4]) / layer.scale[-4])
+    return int(np.clip(t, 0, layer.data.shape[0] - 1))
 
 
 def label_colormap(colours: dict[int, str]) -> DirectLabelColormap:

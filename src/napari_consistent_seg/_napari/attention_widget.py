@@ -6,10 +6,10 @@ import numpy as np
 from qtpy.QtWidgets import QCheckBox, QFormLayout
 
 from ..errors import ConsistentSegError
-from ..inference import attention_maps
+from ..inference import attention_volume
 from ..models.store import load_model
 from ._model_widget import ModelTaskWidget
-from ._widget_common import combo, grid_kwargs, intensity_colormap, spin_box, unique_layer_name
+from ._widget_common import combo, current_phase, grid_kwargs, intensity_colormap, spin_box, unique_layer_name
 
 SCALES = {"0: deepest (1/8 resolution)": 0, "1: middle (1/4)": 1, "2: finest (1/2)": 2}
 # Display from uniform attention (1) up to this percentile of the map: colour = "looks here more".
@@ -40,7 +40,12 @@ class AttentionWidget(ModelTaskWidget):
         scale = SCALES[self.scale.currentText()]
         head = None if self.head.value() < 0 else self.head.value()
         with_background = self.background.isChecked()
-        context = {"image_name": layer.name, "grid": grid_kwargs(layer), "scale": scale, "head": head}
+        phase = current_phase(self.viewer, layer)
+        if phase is not None:  # a cine: the phase shown
+            volume = volume.phase(phase)
+        volume.modality = modality
+        name = layer.name if phase is None else f"{layer.name} phase {phase}"
+        context = {"image_name": name, "grid": grid_kwargs(layer), "scale": scale, "head": head}
 
         def task(progress, cancel):
             model = load_model(model_choice, device="cpu")
@@ -52,8 +57,8 @@ class AttentionWidget(ModelTaskWidget):
             if head is not None and head >= heads:
                 raise ConsistentSegError(f"Scale {scale} of {model.name!r} has heads 0..{heads - 1}; "
                                          f"head {head} does not exist.")
-            maps = attention_maps(model, volume.data, spacing_mm=volume.spacing_mm, modality=modality,
-                                  scale=scale, head=head, device=device, progress=progress, cancel=cancel)
+            maps = attention_volume(model, volume, scale=scale, head=head, device=device, progress=progress,
+                                    cancel=cancel)
             shown = [k for k in model.classes if k != 0 or with_background]
             upper = {k: max(float(np.percentile(maps[k], UPPER_PERCENTILE)), 1.0 + 1e-3) for k in shown}
             return model, maps, upper

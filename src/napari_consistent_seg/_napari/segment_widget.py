@@ -1,14 +1,23 @@
-"""Segment widget: an image layer + a model -> a Labels layer on the image's grid, named by class."""
+"""Segment widget: an image layer + a model -> a Labels layer on the image's grid, named by class.
+
+A cine layer (phase, slice, row, column) gets a 4D Labels layer: the shown phase or every phase."""
 
 from __future__ import annotations
 
 import numpy as np
 from qtpy.QtWidgets import QCheckBox
 
-from ..inference import predict_volume
+from ..inference import segment
 from ..models.store import load_model
 from ._model_widget import ModelTaskWidget
-from ._widget_common import add_labels_layer, grid_kwargs, intensity_colormap, notify, unique_layer_name
+from ._widget_common import (
+    add_labels_layer,
+    current_phase,
+    grid_kwargs,
+    intensity_colormap,
+    notify,
+    unique_layer_name,
+)
 
 
 class SegmentWidget(ModelTaskWidget):
@@ -26,38 +35,44 @@ class SegmentWidget(ModelTaskWidget):
         self.keep_largest.setToolTip("Remove the islands a slice-wise model leaves elsewhere in the volume: "
                                      "each class keeps its largest connected component")
         self.probabilities = QCheckBox("Add per-class probability layers")
-        return [self.keep_largest, self.probabilities]
+        self.all_phases = QCheckBox("Cine: segment every phase (else the phase shown)")
+        self.all_phases.setChecked(True)
+        return [self.keep_largest, self.probabilities, self.all_phases]
 
     def make_task(self, layer, volume, modality, model_choice, device):
         with_probabilities, keep_largest = self.probabilities.isChecked(), self.keep_largest.isChecked()
-        context = {"image_name": layer.name, "grid": grid_kwargs(layer)}
+        shown = current_phase(self.viewer, layer)
+        phases = None if shown is None or self.all_phases.isChecked() else [shown]
+        context = {"image_name": layer.name, "grid": grid_kwargs(layer, volume.data.ndim), "phases": phases}
+        volume.modality = modality
 
         def task(progress, cancel):
             model = load_model(model_choice, device="cpu")
-            prediction = predict_volume(
-                model, volume.data, spacing_mm=volume.spacing_mm, modality=modality, device=device,
-                return_probabilities=with_probabilities, keep_largest=keep_largest, progress=progress,
-                cancel=cancel,
-            )
-            present = np.bincount(prediction.labels.ravel(), minlength=len(model.classes)) > 0
-            return model, prediction, present
+            labels = segment(model, volume, phases=phases, device=device, keep_largest=keep_largest,
+                             return_probabilities=with_probabilities, progress=progress, cancel=cancel)
+            present = np.bincount(labels.data.ravel(), minlength=len(model.classes)) > 0
+            return model, labels, present
 
-        return f"Segmenting {layer.name}", task, lambda result: self._add_result(context, *result)
+        what = "" if volume.n_phases is None else (
+            f" (phase {shown})" if phases else f" ({volume.n_phases} phases)")
+        return f"Segmenting {layer.name}{what}", task, lambda result: self._add_result(context, *result)
 
-    def _add_result(self, context: dict, model, prediction, present) -> None:
-        for warning in prediction.warnings:
+    def _add_result(self, context: dict, model, labels_volume, present) -> None:
+        for warning in labels_volume.meta["warnings"]:
             notify(warning, "warning")
+        suffix = "" if context["phases"] is None else f" phase {context['phases'][0]}"
         labels = add_labels_layer(
-            self.viewer, prediction.labels, context["grid"], model.classes, model.colours,
-            f"{context['image_name']} {model.name}", extra_metadata={"model": model.name},
+            self.viewer, labels_volume.data, context["grid"], model.classes, model.colours,
+            f"{context['image_name']} {model.name}{suffix}", extra_metadata={"model": model.name},
         )
         self.last_layers = [labels]
-        if prediction.probabilities is not None:
+        probabilities = labels_volume.meta.get("probabilities")
+        if probabilities is not None:
             for value, name in model.classes.items():
                 if value == 0:
                     continue
                 self.last_layers.append(self.viewer.add_image(
-                    prediction.probabilities[value],
+                    probabilities[value],
                     name=unique_layer_name(self.viewer, f"{context['image_name']} p({name})"),
                     colormap=intensity_colormap(model.colours.get(value, "#ffffff"), f"p {name}"),
                     contrast_limits=(0.0, 1.0), blending="additive", visible=False, **context["grid"],

@@ -10,6 +10,7 @@ import napari
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from napari.layers import Image
 from qtpy.QtWidgets import (
     QCheckBox, QFileDialog, QFormLayout, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
@@ -48,6 +49,7 @@ class VolumeCurve(FigureCanvasQTAgg):
         for spine in ax.spines.values():
             spine.set_color(FOREGROUND)
         ax.tick_params(colors=FOREGROUND, labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("phase", color=FOREGROUND, fontsize=9)
         if result is None:
             ax.set_ylabel("volume", color=FOREGROUND, fontsize=9)
@@ -163,6 +165,8 @@ class CardiacFunctionWidget(QWidget):
             for c, text in enumerate((name, _cell(lv, unit), _cell(rv, unit))):
                 self.table.setItem(r, c, QTableWidgetItem(text))
         self.table.resizeColumnsToContents()
+        self.table.setFixedHeight(self.table.horizontalHeader().height() + 2
+                                  + sum(self.table.rowHeight(r) for r in range(len(rows))))
         for push in (self.ed_button, self.es_button, self.export_button):
             push.setEnabled(True)
         if result.warnings:

@@ -19,19 +19,21 @@ def brush(layer, z, y, x, label, size=3):
 
 def test_recorder_follows_brush_eraser_fill_undo_and_redo():
     layer = Labels(np.zeros((3, 20, 20), np.uint8))
-    layer.data[1, 0:5, 0:5] = 2  # set without painting (e.g. a model's output): not an edit
+    layer.data[1, 0:6, 0:6] = 2  # set without painting (e.g. a model's output): not an edit
     recorder = EditRecorder(layer)
     assert recorder.known() is None
-    brush(layer, 1, 10, 10, 3)
-    assert recorder.known().sum() == 9 and recorder.known()[1, 9:12, 9:12].all()
-    brush(layer, 1, 2, 2, 0)  # eraser over the 2s: known background
-    assert recorder.known().sum() == 18 and layer.data[1, 2, 2] == 0
+    brush(layer, 1, 10, 10, 3, size=5)
+    disk = layer.data[1] == 3  # napari's 5-pixel brush: a 21-voxel disk
+    assert disk.sum() == 21 and (recorder.known()[1] == disk).all()
+    brush(layer, 1, 5, 5, 0, size=5)  # an eraser dab half over the 2s: its whole disk is known
+    assert recorder.known().sum() == 42 and layer.data[1, 5, 5] == 0 and recorder.known()[1, 7, 5]
     layer.undo()
-    assert recorder.known().sum() == 9 and layer.data[1, 2, 2] == 2
+    assert recorder.known().sum() == 21 and layer.data[1, 5, 5] == 2
     layer.redo()
-    assert recorder.known().sum() == 18
-    brush(layer, 1, 10, 10, 3)  # over its own label: changes nothing, adds nothing
-    assert recorder.known().sum() == 18
+    assert recorder.known().sum() == 42
+    brush(layer, 1, 10, 10, 3, size=5)  # a dab that changes nothing: napari emits nothing
+    assert recorder.known().sum() == 42
+    layer.mode = "fill"
     layer.fill((2, 15, 15), 1)
     assert recorder.known()[2].all()
     recorder.base = np.zeros(layer.data.shape, bool)
@@ -76,7 +78,7 @@ def test_correct_in_place_fine_tune_accept_revert_and_save(qtbot, tiny_model, me
     brush(seg, 3, 5, 5, 2)
     brush(seg, 3, 20, 20, 0)  # an eraser stroke
     known = widget.known_of(seg)
-    assert known.sum() == 27
+    assert known.sum() == 3 * 9  # three 3-pixel dabs, 9 voxels each, right voxels under them included
     corrected = seg.data.copy()
     widget.steps.setValue(3)
     widget.preview_every.setValue(2)

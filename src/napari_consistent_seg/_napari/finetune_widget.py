@@ -37,12 +37,15 @@ from .layers import METADATA_KEY
 
 
 class EditRecorder:
-    """Which voxels of a Labels layer the user changed, from napari's paint events.
+    """Which voxels of a Labels layer the user touched, from napari's paint events.
 
-    Brush, eraser, fill and polygon all emit ``events.paint`` with their history atoms (only the
-    voxels whose value changed). Undo and redo emit no paint event; napari keeps the live edits in
-    the layer's undo history, so an atom counts only while it is there (private, but the only
-    record of an undo; without it every recorded edit counts). ``base`` holds voxels known by
+    Brush, eraser, fill and polygon emit ``events.paint`` with their history atoms: a bounding box
+    and the voxels whose value changed. A brush or eraser dab counts its whole disk (the ellipse in
+    its box), right voxels under the brush included, so that a stroke along a boundary teaches
+    both sides of it; fill and polygon count the voxels they changed. A dab that changes nothing
+    emits no event and counts nothing. Undo and redo emit no paint event; napari keeps the live
+    edits in the layer's undo history, so an edit counts only while it is there (private, but the
+    only record of an undo; without it every recorded edit counts). ``base`` holds voxels known by
     another rule (whole painted slices) once a fine-tune has used it.
     """
 
@@ -53,7 +56,8 @@ class EditRecorder:
         layer.events.paint.connect(self._on_paint)
 
     def _on_paint(self, event) -> None:
-        self.atoms.extend(event.value)
+        whole_dab = self.layer.mode not in ("fill", "polygon")
+        self.atoms.extend((atom, whole_dab) for atom in event.value)
 
     def disconnect(self) -> None:
         self.layer.events.paint.disconnect(self._on_paint)
@@ -63,20 +67,27 @@ class EditRecorder:
         if history is None:
             return self.atoms
         live = {id(atom) for item in history for atom in item}
-        return [atom for atom in self.atoms if id(atom) in live]
+        return [entry for entry in self.atoms if id(entry[0]) in live]
 
     def known(self) -> np.ndarray | None:
         """(Z, Y, X) bool: the voxels edited (and not undone), with ``base``; None if none."""
         shape = self.layer.data.shape
         known = np.zeros(shape, bool) if self.base is None or self.base.shape != shape else self.base.copy()
-        for atom in self._live_atoms():
-            if isinstance(atom, tuple):  # data_setitem: (indices, old values, new values)
+        for atom, whole_dab in self._live_atoms():
+            if not hasattr(atom, "slice_key"):  # data_setitem: (indices, old values, new values)
                 known[atom[0]] = True
             elif atom.mask is None:
                 known[atom.slice_key] = True
             else:
-                known[atom.slice_key] |= atom.mask
+                known[atom.slice_key] |= atom.mask | (_ellipse_in(atom.mask.shape) if whole_dab else False)
         return known if known.any() else None
+
+
+def _ellipse_in(shape) -> np.ndarray:
+    """The ellipse (disk) inscribed in a box, over its axes longer than one: a brush dab's footprint."""
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    radius = sum(((g + 0.5 - n / 2) / (n / 2)) ** 2 for g, n in zip(grids, shape) if n > 1)
+    return np.broadcast_to(np.asarray(radius) <= 1.0, shape)
 
 
 class FinetuneWidget(QWidget):

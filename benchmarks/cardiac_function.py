@@ -7,15 +7,15 @@ output, after the card's largest-component post-processing, and after ``clean_ca
 
     python benchmarks/cardiac_function.py [--sets acdc acdc_original mnms2 sunnybrook] [--threads 2]
 
-Oblique scans (mnms2, sunnybrook) are read with nibabel and sliced along the file's third axis
-(their short-axis slice axis). EF is a ratio, so acdc's lost voxel size does not matter.
+Every frame is read with ``load_volume`` (volume order: axis 0 runs through the scanner's slices,
+the short axis for these cines, in-plane near radiological); ``--file-order`` slices the file's own
+array instead. EF is a ratio, so acdc's lost voxel size does not matter.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -36,11 +36,21 @@ METHODS = {"raw": lambda labels, spacing: labels,
            "clean_cardiac_labels": clean_cardiac_labels}
 
 
-def read_slice_stack(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A NIfTI file as (Z, Y, X) with Z the file's third axis, and its (z, y, x) voxel size."""
-    image = nib.load(str(path))
-    data = np.asanyarray(image.dataobj)
-    return np.ascontiguousarray(data.transpose(2, 1, 0)), tuple(float(s) for s in image.header.get_zooms()[:3][::-1])
+FILE_ORDER = {"on": False}
+
+
+def read(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None]:
+    """A frame in volume order (axis 0: the scanner's slices), and its voxel size where known.
+
+    With ``--file-order``: the file's own (k, j, i) array instead, in-plane axes as stored.
+    """
+    volume = load_volume(path, modality="MR")
+    spacing = volume.spacing_mm if volume.geometry.spacing_known else None
+    if FILE_ORDER["on"]:
+        image = nib.load(str(path))
+        zooms = tuple(float(z) for z in image.header.get_zooms()[:3][::-1])
+        return np.ascontiguousarray(np.asanyarray(image.dataobj).transpose(2, 1, 0)), spacing and zooms
+    return volume.data, spacing
 
 
 def pairs(data: Path, name: str):
@@ -49,31 +59,25 @@ def pairs(data: Path, name: str):
         val = json.loads((data / "splits.json").read_text())["splits"]["acdc"]["val"]
         for patient in sorted({c.split("_frame")[0] for c in val}):
             # acdc's frame01 is ED and frame02 is ES (checked: the LV cavity is larger in frame01)
-            frames = [load_volume(data / "acdc" / kind / f"{patient}_{f}.nii.gz", modality="MR").data
+            frames = [read(data / "acdc" / kind / f"{patient}_{f}.nii.gz")[0]
                       for f in ("frame01", "frame02") for kind in ("images", "labels")]
             yield (patient, *frames, None)
     elif name == "acdc_original":
         for folder in sorted((data / "acdc_original").glob("patient*")):
             info = dict(line.split(":", 1) for line in (folder / "Info.cfg").read_text().splitlines() if ":" in line)
-            ed, es = (int(info[k]) for k in ("ED", "ES"))
             arrays = []
-            for frame in (ed, es):
+            for frame in (int(info["ED"]), int(info["ES"])):
                 stem = folder / f"{folder.name}_frame{frame:02d}"
-                image, spacing = read_slice_stack(Path(f"{stem}.nii.gz"))
-                arrays += [image, read_slice_stack(Path(f"{stem}_gt.nii.gz"))[0]]
+                image, spacing = read(Path(f"{stem}.nii.gz"))
+                arrays += [image, read(Path(f"{stem}_gt.nii.gz"))[0]]
             yield (folder.name, *arrays, spacing)
-    elif name == "mnms2":
+    else:
+        folder, case = {"mnms2": ("mnms2", "001_SA_{}"), "sunnybrook": ("sunnybrook_cine", "SCD0000301_{}")}[name]
         arrays = []
         for phase in ("ED", "ES"):
-            image, spacing = read_slice_stack(data / "mnms2" / "images" / f"001_SA_{phase}.nii.gz")
-            arrays += [image, read_slice_stack(data / "mnms2" / "labels" / f"001_SA_{phase}.nii.gz")[0]]
-        yield ("mnms2 001 SA", *arrays, spacing)
-    elif name == "sunnybrook":
-        arrays = []
-        for phase in ("ED", "ES"):
-            image, spacing = read_slice_stack(data / "sunnybrook_cine" / "images" / f"SCD0000301_{phase}.nii.gz")
-            arrays += [image, read_slice_stack(data / "sunnybrook_cine" / "labels" / f"SCD0000301_{phase}.nii.gz")[0]]
-        yield ("SCD0000301", *arrays, spacing)
+            image, spacing = read(data / folder / "images" / f"{case.format(phase)}.nii.gz")
+            arrays += [image, read(data / folder / "labels" / f"{case.format(phase)}.nii.gz")[0]]
+        yield (case.format("ED/ES"), *arrays, spacing)
 
 
 def main(argv=None) -> int:
@@ -82,7 +86,10 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write per-case figures here")
+    parser.add_argument("--file-order", action="store_true",
+                        help="slice each file along its third axis, in-plane axes as stored (not load_volume's order)")
     args = parser.parse_args(argv)
+    FILE_ORDER["on"] = args.file_order
     torch.set_num_threads(args.threads)
     data = find_shared_data()
     if data is None:

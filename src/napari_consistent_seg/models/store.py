@@ -8,12 +8,14 @@ Nothing is ever unpickled: weights are read with safetensors, the card with json
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +24,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ModelLoadError
+from .card import MAX_NAME_LENGTH, ModelCard, default_colours
 from .modules import build_modules
 from .unet import UNet
 
@@ -32,10 +35,7 @@ SHIPPED_DIR = Path(__file__).parent / "weights"
 #: Environment variable that overrides the user model folder (tests, shared installs).
 USER_DIR_ENV = "CONSISTENT_SEG_MODEL_DIR"
 
-REQUIRED_CARD_KEYS = ("name", "architecture", "classes", "colours", "modalities", "normalisation", "patch_size")
-# A palette for classes without a colour of their own (tab10-like, readable on grey scans).
-DEFAULT_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
-                   "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8"]
+_NAME = re.compile(r"[\w.+-]+")
 
 
 def user_model_dir() -> Path:
@@ -47,43 +47,25 @@ def user_model_dir() -> Path:
     return Path(platformdirs.user_data_dir("napari-consistent-seg")) / "models"
 
 
-def default_colours(classes: dict) -> dict[str, str]:
-    return {str(k): DEFAULT_COLOURS[(int(k) - 1) % len(DEFAULT_COLOURS)] for k in classes if int(k) > 0}
-
-
-def validate_card(card: dict) -> dict:
-    """Check a model card's required keys and class table; return it with int-able class keys.
-
-    ``classes`` maps each label value (as a string, JSON keys are strings) to its name,
-    background (0) included; ``colours`` maps each foreground label to ``#rrggbb``.
-    """
-    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
-    if missing:
-        raise ModelLoadError(f"model card is missing {', '.join(missing)}; is this a napari-consistent-seg model?")
-    classes = card["classes"]
-    try:
-        labels = sorted(int(k) for k in classes)
-    except (TypeError, ValueError):
-        raise ModelLoadError("model card 'classes' must map label values (0..K) to names") from None
-    if labels != list(range(len(labels))):
-        raise ModelLoadError(f"model card classes must be 0..K without gaps, got {labels}")
-    if card["architecture"].get("out_channels") != len(labels):
-        raise ModelLoadError("model card: architecture.out_channels differs from the number of classes")
-    for k, colour in card["colours"].items():
-        if not re.fullmatch(r"#[0-9a-fA-F]{6}", str(colour)):
-            raise ModelLoadError(f"model card: colour of class {k} is not #rrggbb: {colour!r}")
-    if not card["modalities"] or any(m not in ("CT", "MR") for m in card["modalities"]):
-        raise ModelLoadError(f"model card 'modalities' must list CT and/or MR, got {card['modalities']}")
-    post = card.get("postprocessing", {})
-    if not isinstance(post, dict) or not isinstance(post.get("keep_largest_component", False), bool):
-        raise ModelLoadError("model card 'postprocessing' must be {\"keep_largest_component\": true|false}")
-    return card
+def validate_card(card: dict | ModelCard) -> ModelCard:
+    """The validated (and migrated) ModelCard of a JSON card; ModelLoadError says what is wrong."""
+    return card if isinstance(card, ModelCard) else ModelCard.from_dict(card)
 
 
 def build_backbone(architecture: dict) -> UNet:
     arch = dict(architecture)
     arch.pop("name", None)
-    return UNet(**arch)
+    try:
+        return UNet(**arch)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"the card's architecture {architecture} cannot be built: {exc}") from exc
+
+
+def build_saved_modules(config: dict) -> nn.Module:
+    try:
+        return build_modules(config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"the card's modules {config} cannot be built: {exc}") from exc
 
 
 def architecture_of(backbone: UNet) -> dict:
@@ -99,22 +81,25 @@ class Model:
     """A loaded model: the stripped backbone, its card, and the modules if they were saved."""
 
     backbone: UNet
-    card: dict
+    card: ModelCard
     modules: nn.Module | None = None
     path: Path | None = None
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        self.card = validate_card(self.card)
+
     @property
     def name(self) -> str:
-        return self.card["name"]
+        return self.card.name
 
     @property
     def classes(self) -> dict[int, str]:
-        return {int(k): v for k, v in self.card["classes"].items()}
+        return dict(self.card.classes)
 
     @property
     def colours(self) -> dict[int, str]:
-        return {int(k): v for k, v in self.card["colours"].items()}
+        return dict(self.card.colours)
 
     @property
     def spatial_dims(self) -> int:
@@ -138,72 +123,92 @@ def _load_weights(module: nn.Module, path: Path) -> None:
         raise ModelLoadError(f"weights {path.name} do not fit the architecture in the card: {exc}") from exc
 
 
-def save_model(folder: str | Path, backbone: UNet, card: dict, modules: nn.Module | None = None) -> Path:
+def save_model(folder: str | Path, backbone: UNet, card: ModelCard | dict[str, Any],
+               modules: nn.Module | None = None) -> Path:
     """Write a stripped model folder: card.json, backbone.safetensors, and modules.safetensors.
 
-    The card gets the architecture, the module config, the code version and a timestamp.
+    ``card``: a ModelCard, or its JSON form (architecture and colours may be left out). The written
+    card gets the backbone's architecture, the modules' config, the code version and a timestamp.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    card = dict(card)
-    card["architecture"] = architecture_of(backbone)
-    card.setdefault("colours", default_colours(card["classes"]))
-    card["code_version"] = __version__
-    card.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    card["format"] = "napari-consistent-seg/1"
-    state = {k: v.detach().to("cpu").contiguous() for k, v in backbone.state_dict().items()}
-    save_file(state, str(folder / BACKBONE_FILE))
+    if isinstance(card, ModelCard):
+        card = card.to_dict()
+    card = {**card, "architecture": architecture_of(backbone)}
     if modules is not None:
         card["modules"] = dict(modules.config)
-        mstate = {k: v.detach().to("cpu").contiguous() for k, v in modules.state_dict().items()}
-        save_file(mstate, str(folder / MODULES_FILE))
     else:
         card.pop("modules", None)
-        (folder / MODULES_FILE).unlink(missing_ok=True)
-    validate_card(card)
-    (folder / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    card = validate_card(card).stamped(
+        architecture=architecture_of(backbone), modules=None if modules is None else dict(modules.config),
+        code_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in backbone.state_dict().items()}
+        save_file(state, str(folder / BACKBONE_FILE))
+        if modules is not None:
+            mstate = {k: v.detach().to("cpu").contiguous() for k, v in modules.state_dict().items()}
+            save_file(mstate, str(folder / MODULES_FILE))
+        else:
+            (folder / MODULES_FILE).unlink(missing_ok=True)
+        (folder / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
+    except OSError as exc:
+        raise ModelLoadError(f"cannot write the model to {folder}: {exc}. Choose a folder you can write to.") from exc
     return folder
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A shipped or user model name, or a path to a model folder / its card / its backbone file."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ModelLoadError(f"a model is a name or a folder, got {type(name_or_path).__name__}")
     text = str(name_or_path)
-    for root in (user_model_dir(), SHIPPED_DIR):
-        if re.fullmatch(r"[\w.+-]+", text) and (root / text / CARD_FILE).is_file():
-            return root / text
-    path = Path(text).expanduser()
-    if path.is_dir() and (path / CARD_FILE).is_file():
+    if not text.strip():
+        raise ModelLoadError("no model given: pass a model name (consistent-seg list) or a model folder")
+    try:
+        for root in (user_model_dir(), SHIPPED_DIR):
+            if _NAME.fullmatch(text) and len(text) <= MAX_NAME_LENGTH and (root / text / CARD_FILE).is_file():
+                return root / text
+        path = Path(text).expanduser()
+        is_dir, is_file = path.is_dir(), path.is_file()
+        has_card = is_dir and (path / CARD_FILE).is_file()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        raise ModelLoadError(f"{text[:80]!r}{'...' if len(text) > 80 else ''} is neither a model name nor a "
+                             f"readable folder ({exc}); see consistent-seg list") from exc
+    if has_card:
         return path
-    if path.is_file() and path.name in (CARD_FILE, BACKBONE_FILE, MODULES_FILE):
+    if is_file and path.name in (CARD_FILE, BACKBONE_FILE, MODULES_FILE):
         return path.parent
-    if path.is_file():
+    if is_file:
         raise ModelLoadError(
             f"{path} is not a napari-consistent-seg model: expected a folder with {CARD_FILE} and "
             f"{BACKBONE_FILE} (pickled .pt/.pth checkpoints are never loaded)"
         )
     known = ", ".join(m["name"] for m in list_models()) or "none"
-    raise ModelLoadError(f"no model called {text!r} and no such folder. Known models: {known}")
+    shown = text if len(text) <= 80 else text[:80] + "..."
+    raise ModelLoadError(f"no model called {shown!r} and no such folder. Known models: {known}")
 
 
-def read_card(name_or_path: str | Path) -> dict:
+def read_card(name_or_path: str | Path) -> ModelCard:
     folder = resolve_model_path(name_or_path)
     try:
         card = json.loads((folder / CARD_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"cannot read model card {folder / CARD_FILE}: {exc}") from exc
-    return validate_card(card)
+    try:
+        return validate_card(card)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{folder / CARD_FILE}: {exc}") from exc
 
 
 def load_model(name_or_path: str | Path, *, with_modules: bool = True, device: str | torch.device = "cpu") -> Model:
     """Load a model by name (shipped or user) or path. Modules are loaded if saved and asked for."""
     folder = resolve_model_path(name_or_path)
     card = read_card(folder)
-    backbone = build_backbone(card["architecture"])
+    backbone = build_backbone(card.architecture)
     _load_weights(backbone, folder / BACKBONE_FILE)
     backbone.eval()
     modules = None
-    if with_modules and card.get("modules") and (folder / MODULES_FILE).is_file():
-        modules = build_modules(card["modules"])
+    if with_modules and card.modules and (folder / MODULES_FILE).is_file():
+        modules = build_saved_modules(card.modules)
         _load_weights(modules, folder / MODULES_FILE)
         modules.eval()
     return Model(backbone, card, modules, folder).to(device)
@@ -218,7 +223,9 @@ def list_models() -> list[dict]:
         for card_path in sorted(root.glob(f"*/{CARD_FILE}")):
             try:
                 card = json.loads(card_path.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if not isinstance(card, dict):
                 continue
             found.append(dict(
                 name=card.get("name", card_path.parent.name), source=source, path=str(card_path.parent),
@@ -229,12 +236,14 @@ def list_models() -> list[dict]:
 
 def save_user_model(name: str, model: Model, *, overwrite: bool = False) -> Path:
     """Save ``model`` under the user's data folder as ``name`` so it is listed and loadable by name."""
-    if not re.fullmatch(r"[\w.+-]+", name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
         raise ModelLoadError(f"model name {name!r}: use letters, digits, '.', '_', '+' or '-' only")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ModelLoadError(f"model name is {len(name)} characters long: use at most {MAX_NAME_LENGTH}")
     if (SHIPPED_DIR / name).exists():
         raise ModelLoadError(f"{name!r} is the name of a shipped model; choose another name")
     folder = user_model_dir() / name
     if folder.exists() and not overwrite:
         raise ModelLoadError(f"a user model called {name!r} exists already ({folder}); choose another name")
-    card = dict(model.card, name=name)
+    card = dataclasses.replace(validate_card(model.card), name=name)
     return save_model(folder, model.backbone, card, model.modules)

@@ -56,6 +56,9 @@ class TrainConfig:
     # (0: every pixel, as in the reference)
     confidence_threshold: float = 0.0
     keep_largest_component: bool = True  # inference post-processing written into the model card
+    # the slice plane written into the model card: "acquisition" (the scans' own slice axis) or
+    # "axial" / "coronal" / "sagittal"; the training sets are axial, where both are the same
+    plane: str = "axial"
     # start from a model's weights (a shipped or user model name, or a model folder) instead of a
     # random init: the backbone, and the modules too when the model has them and the method uses them
     init_from: str | None = None

@@ -26,7 +26,8 @@ from ..errors import Cancelled, ConsistentSegError
 from ..inference import check_cancel, pick_device, run_slices
 from ..metrics import dice
 from ..models.modules import EAMModule, ICLModules
-from ..models.store import architecture_of, default_colours, save_model
+from ..models.card import ModelCard, TrainingRecord
+from ..models.store import architecture_of, save_model
 from ..models.unet import UNet
 from .augment import Augmentation
 from .config import TrainConfig
@@ -209,7 +210,7 @@ class Trainer:
             "iteration": self.iteration, "best_score": self.best_score, "history": self.history,
             "wall_time_s": self.wall_time_s, "optimizer": opt_meta, "config": self.cfg.to_dict(),
             "commands": self.commands,
-            "card": self.card(self.history[-1]["val"] if self.history else None),
+            "card": self.card(self.history[-1]["val"] if self.history else None).to_dict(),
         }
         (self.run_dir / STATE_JSON).write_text(json.dumps(meta, indent=1, default=float))
 
@@ -230,44 +231,30 @@ class Trainer:
         self.wall_time_s = meta.get("wall_time_s", 0.0)
         self.commands = meta.get("commands", []) + [f"{self.command}  # resumed at iteration {self.iteration}"]
 
-    def card(self, scores: dict | None) -> dict:
+    def card(self, scores: dict | None) -> ModelCard:
         cfg = self.cfg
-        colours = default_colours(cfg.classes)
-        colours.update({str(k): v for k, v in cfg.colours.items()})
-        return {
-            "name": cfg.name,
-            "description": cfg.description,
-            "architecture": architecture_of(self.backbone),
-            **({"modules": dict(self.modules.config)} if self.modules is not None else {}),
-            "classes": {str(k): v for k, v in sorted(cfg.classes.items())},
-            "colours": colours,
-            "modalities": cfg.modalities,
-            "normalisation": {m: cfg.normalisation[m] for m in cfg.modalities},
-            "target_spacing_mm": cfg.target_spacing_mm,
-            "patch_size": list(cfg.patch_size),
-            "postprocessing": {"keep_largest_component": cfg.keep_largest_component},
-            "axes": "slices along z of the canonical (z, y, x) volume (see docs/io.md)",
-            "training": {
-                "method": cfg.method,
-                "iterations": self.iteration,
-                "iterations_planned": cfg.iterations,
-                "wall_time_s": round(self.wall_time_s, 1),
-                "hardware": f"{platform.machine()} {os.cpu_count()} cpu; device {self.device}{self._device_name()}; "
-                            f"world size {self.world}",
-                "torch": torch.__version__,
-                "command": self.commands[0],
-                "commands": self.commands,
-                "data": {
-                    "labeled": [vars(s) for s in cfg.labeled],
-                    "unlabeled": [vars(s) for s in cfg.unlabeled],
-                    "val": [vars(s) for s in cfg.val],
-                    "labeled_slices": self.n_labeled_slices,
-                    "unlabeled_slices": self.n_unlabeled_slices,
-                },
-                "config": cfg.to_dict(),
+        record = TrainingRecord(
+            method=cfg.method,
+            iterations=self.iteration,
+            iterations_planned=cfg.iterations,
+            wall_time_s=round(self.wall_time_s, 1),
+            hardware=f"{platform.machine()} {os.cpu_count()} cpu; device {self.device}{self._device_name()}; "
+                     f"world size {self.world}",
+            torch=torch.__version__,
+            command=self.commands[0],
+            commands=list(self.commands),
+            data={
+                "labeled": [vars(s) for s in cfg.labeled],
+                "unlabeled": [vars(s) for s in cfg.unlabeled],
+                "val": [vars(s) for s in cfg.val],
+                "labeled_slices": self.n_labeled_slices,
+                "unlabeled_slices": self.n_unlabeled_slices,
             },
-            "val_scores": scores or {},
-        }
+            config=cfg.to_dict(),
+        )
+        modules = dict(self.modules.config) if self.modules is not None else None
+        return ModelCard.for_training(cfg, architecture=architecture_of(self.backbone), modules=modules,
+                                      training=record, val_scores=scores)
 
     def _device_name(self) -> str:
         return f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""
@@ -371,22 +358,21 @@ def strip_run(run_dir, out_dir, *, keep_modules: bool = True) -> Path:
     The optimizer state and the objective wrapper are dropped; the backbone's weights are exactly
     the training model's backbone weights.
     """
-    from ..models.modules import build_modules
-    from ..models.store import build_backbone
+    from ..models.store import build_backbone, build_saved_modules
 
     run_dir = Path(run_dir)
     meta_path, tensors_path = run_dir / STATE_JSON, run_dir / STATE_TENSORS
     if not meta_path.is_file() or not tensors_path.is_file():
         raise ConsistentSegError(f"{run_dir} is not a training run folder (no {STATE_JSON} / {STATE_TENSORS})")
     meta = json.loads(meta_path.read_text())
-    card = meta["card"]
+    card = ModelCard.from_dict(meta["card"])
     tensors = load_file(str(tensors_path))
-    backbone = build_backbone(card["architecture"])
+    backbone = build_backbone(card.architecture)
     part = {k[len("objective.backbone."):]: v for k, v in tensors.items() if k.startswith("objective.backbone.")}
     backbone.load_state_dict(part)
     modules = None
-    if keep_modules and card.get("modules"):
-        modules = build_modules(card["modules"])
+    if keep_modules and card.modules:
+        modules = build_saved_modules(card.modules)
         modules.load_state_dict({k[len("objective.modules_."):]: v for k, v in tensors.items()
                                  if k.startswith("objective.modules_.")})
     return save_model(out_dir, backbone, card, modules)

@@ -167,7 +167,10 @@ def _slice_axis(header: nib.Nifti1Header, affine: np.ndarray) -> int:
 def _phase_interval_ms(header: nib.Nifti1Header) -> float | None:
     """Time between the volumes of a 4D file in ms (pixdim[4] in the header's time unit), if given."""
     step = float(header["pixdim"][4])
-    unit = header.get_xyzt_units()[1]
+    try:
+        unit = header.get_xyzt_units()[1]
+    except KeyError:  # a units code outside the standard: the step's unit is unknown
+        return None
     factor = {"sec": 1000.0, "msec": 1.0, "usec": 0.001}.get(unit)
     return step * factor if factor and np.isfinite(step) and step > 0 else None
 

@@ -406,6 +406,9 @@ def main(argv=None) -> int:
     except ConsistentSegError as exc:
         print(f"consistent-seg: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an output folder that is a file, a full disk, no permission
+        print(f"consistent-seg: error: {exc}; check the paths and that you may write there", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("consistent-seg: interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,10 @@ class ModelLoadError(ConsistentSegError):
     """A model name or checkpoint could not be resolved or loaded."""
 
 
+class InvalidInputError(ConsistentSegError, ValueError):
+    """An argument has the wrong type, shape or value (also a ValueError, for callers that catch that)."""
+
+
 class ShapeMismatchError(ConsistentSegError):
     """Two arrays that must share a grid do not."""
 

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .errors import ShapeMismatchError
+from .errors import InvalidInputError, ShapeMismatchError
 
 if TYPE_CHECKING:
     from .io import Geometry
@@ -71,9 +71,16 @@ def evaluate_labels(pred, ref, classes: Mapping[int, str], spacing_mm: Sequence[
 
     One row per entry of ``classes`` ({label: name}), keys: label, class, dice, hd95_mm, asd_mm,
     ref_voxels, pred_voxels, ref_volume_ml, pred_volume_ml. Empty masks follow ``dice`` and ``hd95_mm``.
-    Raises ShapeMismatchError for different shapes, ValueError for a bad spacing.
+    Raises ShapeMismatchError for different shapes, InvalidInputError (a ValueError) for a bad spacing,
+    classes or non-integer labels.
     """
     pred, ref = _same_shape(pred, ref)
+    if ref.ndim not in (2, 3) or not all(a.dtype.kind in "biuf" for a in (pred, ref)):
+        raise InvalidInputError(
+            f"labels must be 2D or 3D arrays of numbers, got {pred.dtype} {pred.shape} and {ref.dtype} "
+            f"{ref.shape}: score label maps (0 = background) of one phase.")
+    if not isinstance(classes, Mapping):
+        raise InvalidInputError(f"classes must map label values to names, got {type(classes).__name__}")
     spacing = _spacing(spacing_mm, ref.ndim)
     voxel_ml = float(np.prod(spacing)) / 1000.0  # 1 ml = 1000 mm^3
     rows = []
@@ -212,14 +219,17 @@ def _same_shape(pred, ref) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _spacing(spacing_mm, ndim: int) -> tuple[float, ...]:
-    spacing = tuple(float(s) for s in np.asarray(spacing_mm, dtype=float).reshape(-1))
+    try:
+        spacing = tuple(float(s) for s in np.asarray(spacing_mm, dtype=float).reshape(-1))
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"spacing_mm {spacing_mm!r} must be numbers (mm per voxel along each axis).") from None
     if len(spacing) != ndim:
-        raise ValueError(
+        raise InvalidInputError(
             f"spacing_mm {spacing} has {len(spacing)} values for {ndim}-D arrays: give one spacing per axis, "
             "in the arrays' axis order ((Z, Y, X) or (Y, X))."
         )
     if not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"spacing_mm {spacing} must be positive and finite (mm per voxel along each axis).")
+        raise InvalidInputError(f"spacing_mm {spacing} must be positive and finite (mm per voxel along each axis).")
     return spacing
 
 

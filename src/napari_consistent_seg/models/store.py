@@ -172,7 +172,7 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         has_card = is_dir and (path / CARD_FILE).is_file()
     except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
         raise ModelLoadError(f"{text[:80]!r}{'...' if len(text) > 80 else ''} is neither a model name nor a "
-                             f"readable folder ({exc}); see consistent-seg list") from exc
+                             f"readable folder ({getattr(exc, 'strerror', None) or exc}); see consistent-seg list") from exc
     if has_card:
         return path
     if is_file and path.name in (CARD_FILE, BACKBONE_FILE, MODULES_FILE):
@@ -211,7 +211,12 @@ def load_model(name_or_path: str | Path, *, with_modules: bool = True, device: s
         modules = build_saved_modules(card.modules)
         _load_weights(modules, folder / MODULES_FILE)
         modules.eval()
-    return Model(backbone, card, modules, folder).to(device)
+    model = Model(backbone, card, modules, folder)
+    try:
+        return model.to(device)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as exc:  # torch's words for a bad device
+        raise ModelLoadError(f"cannot put the model on device {device!r} ({exc}); use cpu, cuda or cuda:N "
+                             "where this machine has one") from exc
 
 
 def list_models() -> list[dict]:
@@ -236,6 +241,8 @@ def list_models() -> list[dict]:
 
 def save_user_model(name: str, model: Model, *, overwrite: bool = False) -> Path:
     """Save ``model`` under the user's data folder as ``name`` so it is listed and loadable by name."""
+    if not isinstance(model, Model):
+        raise ModelLoadError(f"only a loaded or fine-tuned Model can be saved, got {type(model).__name__}")
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
         raise ModelLoadError(f"model name {name!r}: use letters, digits, '.', '_', '+' or '-' only")
     if len(name) > MAX_NAME_LENGTH:

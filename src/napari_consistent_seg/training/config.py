@@ -126,5 +126,8 @@ def load_config(path, overrides: dict | None = None) -> TrainConfig:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConsistentSegError(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConsistentSegError(f"config {path} must be a YAML mapping (name: ..., method: ..., data: ...); "
+                                 "see configs/ for examples")
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return config_from_dict(raw, path.parent)

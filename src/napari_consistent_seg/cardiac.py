@@ -249,6 +249,7 @@ def clean_cardiac_labels(
     rv_reach_mm: float = 10.0,
     min_area_mm2: float = 20.0,
     min_ring_cover: float = 0.5,
+    max_base_growth: float = 2.0,
 ) -> np.ndarray:
     """Keep the one heart of a short-axis label volume and mend what breaks function figures.
 
@@ -261,7 +262,10 @@ def clean_cardiac_labels(
        heart below the apex or above the base, islands) are removed, and slices outside it lose
        their myocardium and LV cavity. End slices of the run whose LV cavity is less than
        ``min_ring_cover`` surrounded by myocardium (an atrium above the base, or a guess past the
-       apex) are dropped from the run.
+       apex) are dropped from the run. Walking from the middle of the run to its base (the end
+       of larger cavity), the run ends before the first slice whose cavity is more than
+       ``max_base_growth`` times the widest one before it: the LV widens smoothly toward the
+       base, an atrium the model takes for LV does not.
     2. In each kept slice, the myocardium ring is closed over small gaps and everything it encloses
        becomes LV cavity.
     3. RV pieces are kept only within ``rv_reach_mm`` of the kept LV, on the run's slices.
@@ -277,6 +281,7 @@ def clean_cardiac_labels(
         is_lv = is_lv | (labels == myo_value)
     pieces = [_pieces(is_lv[z], pixel_mm, min_area_mm2) for z in range(labels.shape[0])]
     chain = _trim_open_ends(_heart_chain(pieces, max_shift_mm), pieces, labels, classes, min_ring_cover)
+    chain = _cut_base_jump(chain, pieces, labels, classes, max_base_growth)
     out = labels.copy()
     lv_classes = [v for v in (lv_value, myo_value) if v is not None]
     out[np.isin(out, lv_classes)] = 0
@@ -374,6 +379,21 @@ def _trim_open_ends(chain: dict[int, int], pieces, labels, classes: CardiacLabel
         if not ends:
             break
         del chain[ends[0]]
+    return chain
+
+
+def _cut_base_jump(chain: dict[int, int], pieces, labels, classes: CardiacLabels, max_growth: float) -> dict:
+    """The run without the slices from the first sudden widening of the cavity toward the base."""
+    if len(chain) < 3:
+        return chain
+    ordered = sorted(chain)
+    cavity = [int(np.count_nonzero(pieces[z][chain[z]][2] & (labels[z] == classes.lv))) for z in ordered]
+    if cavity[0] > cavity[-1]:  # walk toward the base: reverse so that the base is last
+        ordered, cavity = ordered[::-1], cavity[::-1]
+    for i in range(len(ordered) // 2 + 1, len(ordered)):
+        # against the widest cavity so far: one slice the model under-segments is no reference
+        if cavity[i] > max_growth * max(max(cavity[:i]), 1):
+            return {z: chain[z] for z in ordered[:i]}
     return chain
 
 

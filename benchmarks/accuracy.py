@@ -128,7 +128,7 @@ def evaluate_variant(name: str, device=None) -> dict[str, dict]:
             post[case.name] = evaluate_labels(keep_largest_components(pred), ref, classes, vol.spacing_mm)
         key = f"{source.dataset} ({source.modality}, {len(post)} val cases)"
         results[key] = {"post": summarise(post), "raw": summarise(raw)}
-    return {"results": results, "training": model.card.get("training", {})}
+    return {"results": results, "training": model.card.training.to_dict()}
 
 
 CAVEATS = """Caveats of the data (../shared/data/README.md):

@@ -138,7 +138,7 @@ def test_train_resume_max_minutes_and_strip(toy_data, tmp_path, capsys):
     code, out, err = _run(capsys, "strip", run, "-o", tmp_path / "stripped")
     assert code == 0, err
     model = load_model(tmp_path / "stripped")
-    assert model.modules is not None and model.card["training"]["iterations"] == 4
+    assert model.modules is not None and model.card.training.iterations == 4
     code, _, _ = _run(capsys, "strip", run, "-o", tmp_path / "bare", "--no-modules")
     assert code == 0 and load_model(tmp_path / "bare").modules is None
 

@@ -31,7 +31,7 @@ def test_torchrun_two_processes_icl_train(toy_data, tmp_path, user_model_dir):
     assert state["iteration"] == 4
     assert [h["iteration"] for h in state["history"]] == [2, 4]
     card = load_model(run / "last").card
-    assert "world size 2" in card["training"]["hardware"]
-    assert card["training"]["iterations"] == 4
+    assert "world size 2" in card.training.hardware
+    assert card.training.iterations == 4
     # rank 0 alone writes: one history line per evaluation, not one per rank
     assert len((run / "history.jsonl").read_text().splitlines()) == 2

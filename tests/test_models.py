@@ -277,7 +277,7 @@ def test_saved_model_gives_exactly_the_training_backbone_output(tmp_path, kind):
         assert torch.equal(model.backbone(x), backbone(x))
     assert (model.modules is None) == (kind is None)
     if kind:
-        assert model.card["modules"]["kind"] == kind
+        assert model.card.modules["kind"] == kind
         assert all(torch.equal(a, b) for a, b in zip(model.modules.state_dict().values(), mods.state_dict().values()))
         assert model.modules.state_dict().keys() == mods.state_dict().keys()
         assert load_model(folder, with_modules=False).modules is None

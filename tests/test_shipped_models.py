@@ -37,11 +37,9 @@ def test_shipped_model_loads_offline_with_a_valid_card(name):
     model = load_model(name)  # by name, from the package: no network
     card = validate_card(json.loads((SHIPPED_DIR / name / "card.json").read_text()))
     assert model.modules is not None, "the external modules ship beside the backbone"
-    for key in ("val_scores", "training", "normalisation", "colours"):
-        assert card[key], key
-    training = card["training"]
+    assert card.val_scores and card.normalisation and card.colours
     for key in ("command", "config", "hardware", "wall_time_s", "iterations"):
-        assert training.get(key) not in (None, ""), key
+        assert getattr(card.training, key) not in (None, "", {}), key
     assert name in {m["name"] for m in list_models() if m["source"] == "shipped"}
 
 
@@ -55,7 +53,7 @@ def test_shipped_weights_stay_small():
 def test_shipped_model_segments_a_real_val_case(shared_data, name, dataset, case, modality, floor):
     model = load_model(name, with_modules=False)
     volume = load_volume(shared_data / dataset / "images" / f"{case}.nii.gz")
-    val_sources = model.card["training"]["data"]["val"]
+    val_sources = model.card.val_sources
     label_map = next(s.get("label_map") for s in val_sources if s["dataset"] == dataset)
     reference = map_labels(load_volume(shared_data / dataset / "labels" / f"{case}.nii.gz").data, label_map)
     pred = predict_volume(model, volume.data, spacing_mm=volume.spacing_mm, modality=modality)

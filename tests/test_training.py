@@ -45,9 +45,9 @@ def test_toy_run_writes_state_history_and_stripped_models(toy_data, tmp_path, me
     assert set(val["by_modality"]) == ({"MR", "CT"} if method == "eam" else {"MR"})
     assert 0.0 <= val["mean"] <= 1.0
     card = load_model(run / "last").card
-    assert card["training"]["method"] == method and card["training"]["iterations"] == 4
-    assert "world size 1" in card["training"]["hardware"]
-    assert (card.get("modules") is None) == (method == "supervised")
+    assert card.training.method == method and card.training.iterations == 4
+    assert "world size 1" in card.training.hardware
+    assert (card.modules is None) == (method == "supervised")
 
 
 def test_strip_run_gives_exactly_the_training_backbone(toy_data, tmp_path):
@@ -61,8 +61,8 @@ def test_strip_run_gives_exactly_the_training_backbone(toy_data, tmp_path):
     expected = trainer.modules.state_dict()
     assert stripped.modules.state_dict().keys() == expected.keys()
     assert all(torch.equal(v, expected[k]) for k, v in stripped.modules.state_dict().items())
-    assert stripped.card["training"]["iterations"] == 4
-    assert stripped.card["architecture"]["channels"] == list(TINY_CHANNELS)
+    assert stripped.card.training.iterations == 4
+    assert stripped.card.architecture["channels"] == list(TINY_CHANNELS)
     # only the backbone and the modules: no optimizer state, no objective wrapper
     assert {p.name for p in (tmp_path / "stripped").iterdir()} == {"card.json", BACKBONE_FILE, MODULES_FILE}
     plain = strip_run(tmp_path / "run", tmp_path / "plain", keep_modules=False)
@@ -123,6 +123,7 @@ def test_stop_at_pauses_without_changing_the_lr_schedule(toy_data, tmp_path):
     card = json.loads((tmp_path / "run" / "last" / "card.json").read_text())
     assert card["training"]["iterations_planned"] == 6
     assert card["postprocessing"] == {"keep_largest_component": True}
+    assert card["plane"] == "axial"
     cfg.stop_at = None
     assert Trainer(cfg, tmp_path / "run", device="cpu", resume=True).fit().iterations == 6
 

@@ -72,7 +72,7 @@ def evaluate_labels(pred, ref, classes: Mapping[int, str], spacing_mm: Sequence[
     One row per entry of ``classes`` ({label: name}), keys: label, class, dice, hd95_mm, asd_mm,
     ref_voxels, pred_voxels, ref_volume_ml, pred_volume_ml. Empty masks follow ``dice`` and ``hd95_mm``.
     Raises ShapeMismatchError for different shapes, InvalidInputError (a ValueError) for a bad spacing,
-    classes or non-integer labels.
+    classes that are not a mapping, or arrays that are not 2D/3D numbers.
     """
     pred, ref = _same_shape(pred, ref)
     if ref.ndim not in (2, 3) or not all(a.dtype.kind in "biuf" for a in (pred, ref)):

@@ -341,7 +341,7 @@ class ModelCard:
             "target_spacing_mm": None if self.target_spacing_mm is None else list(self.target_spacing_mm),
             "patch_size": list(self.patch_size),
             "postprocessing": {"keep_largest_component": self.keep_largest_component},
-            "training": self.training.to_dict(),
+            "training": self.training.to_dict() if self.training != TrainingRecord() else {},
             "val_scores": copy.deepcopy(self.val_scores),
             **({"fine_tuning": copy.deepcopy(self.fine_tuning)} if self.fine_tuning else {}),
             "code_version": self.code_version,

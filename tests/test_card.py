@@ -72,14 +72,14 @@ BROKEN = [
     (_broken(plane="oblique"), "'plane' must be one of"),
     (_broken(name="x" * 300), "at most 100"),
     (_broken(name=""), "non-empty"),
-    (_broken(name=7), "non-empty"),
+    (_broken(name=7), "'name' must be text"),
     (_broken(classes=...), "missing classes"),
     (_broken(classes={"0": "background"}), "at least one named class"),
     (_broken(classes={"0": "bg", "1": "a", "2": "", "3": "c"}), "at least one named class"),
     (_broken(colours={"9": "#ffffff"}), "not classes"),
     (_broken(colours={"1": "blue"}), "#rrggbb"),
     (_broken(modalities=["MR", "MR"]), "CT and/or MR"),
-    (_broken(modalities="MR"), "CT and/or MR"),
+    (_broken(modalities="MR"), "'modalities' must be a list"),
     (_broken(normalisation={"MR": {"kind": "zscore"}}), "normalisation of MR"),
     (_broken(normalisation={"CT": {"kind": "hu_window", "window": [0, 1]}}), "normalisation of MR"),
     (_broken(modalities=["CT"], normalisation={"CT": {"kind": "hu_window", "window": [300, -100]}}), "low < high"),
@@ -92,7 +92,7 @@ BROKEN = [
     (_broken(training={"method": "magic"}), "training.method"),
     (_broken(training={"iterations": -3}), "training.iterations"),
     (_broken(training={"wall_time_s": "long"}), "training.wall_time_s"),
-    (_broken(training=[1, 2]), "training must be an object"),
+    (_broken(training=[1, 2]), "'training' must be an object"),
     (_broken(val_scores={"mean": 1.5}), "val_scores.mean"),
     (_broken(val_scores={"dice": {"1": -0.1}}), "val_scores.dice"),
     (_broken(val_scores={"by_modality": {"MR": {"mean": "high"}}}), "val_scores.by_modality.MR.mean"),
@@ -161,3 +161,46 @@ def test_fine_tuned_card_records_the_run_and_clears_val_scores():
     tuned = card.fine_tuned({"method": "icl", "steps": 5, "from_model": card.name})
     assert card == before  # the original is untouched
     assert tuned.val_scores == {} and tuned.fine_tuning[-1]["steps"] == 5 and tuned.plane == "acquisition"
+
+
+# ---- fuzzed cards: a ModelCard or a ModelLoadError, nothing else ------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 300) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=8,
+)
+FIELDS = ["name", "architecture", "classes", "colours", "modalities", "normalisation", "patch_size", "plane",
+          "target_spacing_mm", "postprocessing", "modules", "training", "val_scores", "fine_tuning", "format",
+          "description", "created"]
+
+
+_SHIPPED = {name: _shipped_json(name) for name in SHIPPED_PLANES}
+
+
+@st.composite
+def mutated_cards(draw):
+    raw = copy.deepcopy(_SHIPPED[draw(st.sampled_from(sorted(SHIPPED_PLANES)))])
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(FIELDS))
+        target = raw
+        if isinstance(raw.get(key), dict) and raw[key] and draw(st.booleans()):
+            target, key = raw[key], draw(st.sampled_from(sorted(raw[key])))
+        if draw(st.integers(0, 4)) == 0:
+            target.pop(key, None)
+        else:
+            target[key] = draw(json_values)
+    return raw
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_cards())
+def test_fuzzed_cards_give_a_card_or_model_load_error(raw):
+    try:
+        card = ModelCard.from_dict(raw)
+    except ModelLoadError as error:
+        assert str(error)
+        return
+    assert ModelCard.from_dict(json.loads(json.dumps(card.to_dict()))) == card

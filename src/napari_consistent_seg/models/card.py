@@ -32,6 +32,15 @@ DEFAULT_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0
 # Shipped models trained before cards had a plane: cine short-axis slices are the acquisition plane.
 _ACQUISITION_PLANE_MODELS = ("cardiac-cine-mri",)
 _REQUIRED = ("name", "architecture", "classes", "modalities", "normalisation", "patch_size")
+# The JSON type of each top-level key (None: may be null); checked before anything looks inside.
+_JSON_TYPES = {
+    "name": (str,), "description": (str,), "architecture": (dict,), "classes": (dict,), "colours": (dict, None),
+    "modalities": (list,), "normalisation": (dict,), "patch_size": (list,), "plane": (str,),
+    "target_spacing_mm": (list, None), "postprocessing": (dict, None), "modules": (dict, None),
+    "training": (dict, None), "val_scores": (dict, None), "fine_tuning": (list,), "format": (str,),
+    "code_version": (str,), "created": (str,),
+}
+_JSON_NAMES = {str: "text", dict: "an object", list: "a list", None: "null"}
 
 
 def default_colours(classes) -> dict[int, str]:
@@ -69,7 +78,7 @@ class TrainingRecord:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.method and self.method not in METHODS:
+        if not isinstance(self.method, str) or (self.method and self.method not in METHODS):
             raise _error(f"training.method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for key in ("iterations", "iterations_planned"):
             value = getattr(self, key)
@@ -79,6 +88,9 @@ class TrainingRecord:
             raise _error(f"training.wall_time_s must be seconds >= 0, got {self.wall_time_s!r}")
         if not isinstance(self.commands, list) or not all(isinstance(c, str) for c in self.commands):
             raise _error("training.commands must be a list of command lines")
+        for key in ("hardware", "torch", "command", "notes"):
+            if not isinstance(getattr(self, key), str):
+                raise _error(f"training.{key} must be text")
         if not isinstance(self.data, dict) or not isinstance(self.config, dict):
             raise _error("training.data and training.config must be objects")
 
@@ -157,11 +169,12 @@ class ModelCard:
         self._check_classes()
         self._check_architecture()
         self._check_colours()
-        if not isinstance(self.modalities, list) or not self.modalities or len(set(self.modalities)) < len(
-                self.modalities) or any(m not in MODALITIES for m in self.modalities):
+        if (not isinstance(self.modalities, list) or not self.modalities
+                or not all(isinstance(m, str) and m in MODALITIES for m in self.modalities)
+                or len(set(self.modalities)) < len(self.modalities)):
             raise _error(f"'modalities' must list CT and/or MR, got {self.modalities!r}")
         self._check_normalisation()
-        if self.plane not in PLANES:
+        if not isinstance(self.plane, str) or self.plane not in PLANES:
             raise _error(f"'plane' must be one of {', '.join(PLANES)}, got {self.plane!r}")
         dims = self.architecture["spatial_dims"]
         if (not isinstance(self.patch_size, list) or len(self.patch_size) != dims
@@ -246,7 +259,7 @@ class ModelCard:
             raise _error("'normalisation' must map each modality to a spec")
         for modality in self.modalities:
             spec = norm.get(modality)
-            if not isinstance(spec, dict) or spec.get("kind") not in NORMALISATION_KINDS:
+            if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or spec["kind"] not in NORMALISATION_KINDS:
                 raise _error(f"normalisation of {modality} must be {{\"kind\": \"hu_window\" | \"percentile\", ...}}, "
                       f"got {spec!r}")
             bounds = spec.get(NORMALISATION_KINDS[spec["kind"]], [1.0, 99.0])
@@ -261,7 +274,7 @@ class ModelCard:
         mods = self.modules
         if not isinstance(mods, dict):
             raise _error("'modules' must be null or the modules' config")
-        if mods.get("kind") not in MODULE_KINDS:
+        if not isinstance(mods.get("kind"), str) or mods["kind"] not in MODULE_KINDS:
             raise _error(f"unknown module kind {mods.get('kind')!r}; known: {', '.join(sorted(MODULE_KINDS))}")
         unknown = set(mods) - MODULE_KEYS
         if unknown:
@@ -299,16 +312,20 @@ class ModelCard:
         missing = [k for k in _REQUIRED if k not in raw]
         if missing:
             raise ModelLoadError(f"model card is missing {', '.join(missing)}; is this a napari-consistent-seg model?")
+        for key, types in _JSON_TYPES.items():
+            if key in raw and not any(raw[key] is None if t is None else isinstance(raw[key], t) for t in types):
+                raise _error(f"'{key}' must be {' or '.join(_JSON_NAMES[t] for t in types)}, "
+                             f"got {type(raw[key]).__name__}")
         raw = copy.deepcopy(raw)
         fmt = raw.pop("format", FORMAT)
         if fmt != FORMAT:
             raise _error(f"format {fmt!r} is not {FORMAT!r}: the model was saved by another version; "
                   "update napari-consistent-seg or re-save the model")
         if "plane" not in raw:
-            origins = {raw.get("name")} | {f.get("from_model") for f in raw.get("fine_tuning", [])
-                                          if isinstance(f, dict)}
-            raw["plane"] = "acquisition" if origins & set(_ACQUISITION_PLANE_MODELS) else "axial"
-        post = raw.pop("postprocessing", {})
+            origins = [raw.get("name")] + [f.get("from_model") for f in raw.get("fine_tuning", [])
+                                           if isinstance(f, dict)]
+            raw["plane"] = "acquisition" if any(o in origins for o in _ACQUISITION_PLANE_MODELS) else "axial"
+        post = raw.pop("postprocessing", None) or {}
         if not isinstance(post, dict) or set(post) - {"keep_largest_component"}:
             raise _error("'postprocessing' must be {\"keep_largest_component\": true|false}")
         raw["keep_largest_component"] = post.get("keep_largest_component", False)

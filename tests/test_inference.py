@@ -52,16 +52,18 @@ def test_predict_2d_labels_on_the_input_grid_and_probabilities_sum_to_one(models
     pred = predict_volume(models["mr"], data, modality="MR", batch_size=2, return_probabilities=True,
                           progress=lambda done, total: calls.append((done, total)))
     assert pred.labels.shape == (5, 61, 47) and pred.labels.dtype == np.uint8
-    assert pred.probabilities.shape == (4, 5, 61, 47)
-    assert np.allclose(pred.probabilities.sum(0), 1.0, atol=1e-5)
-    assert np.array_equal(pred.labels, pred.probabilities.argmax(0))
+    assert pred.probabilities.shape == (4, 5, 61, 47) and pred.probabilities.dtype == np.float16
+    assert np.allclose(pred.probabilities.sum(0, dtype=np.float32), 1.0, atol=3e-3)
+    top2 = np.sort(pred.probabilities.astype(np.float32), axis=0)[-2:]
+    clear = top2[1] - top2[0] > 2e-3  # float16 rounding may tie the two best classes elsewhere
+    assert np.array_equal(pred.labels[clear], pred.probabilities.argmax(0)[clear])
     assert calls == [(2, 5), (4, 5), (5, 5)]
     assert pred.modality == "MR" and pred.warnings == []
     # a single (Y, X) image gives (Y, X) labels
     single = predict_volume(models["mr"], data[0], modality="MR", return_probabilities=True)
     assert single.labels.shape == (61, 47) and single.probabilities.shape == (4, 61, 47)
     one_slice = predict_volume(models["mr"], data[:1], modality="MR", return_probabilities=True)
-    assert np.allclose(single.probabilities, one_slice.probabilities[:, 0], atol=1e-6)
+    assert np.allclose(single.probabilities, one_slice.probabilities[:, 0], atol=1e-3)
 
 
 def test_keep_largest_components_removes_islands_class_by_class():
@@ -103,7 +105,7 @@ def test_predict_2d_resamples_to_the_training_spacing_and_back(tmp_path):
     data = _volume((3, 40, 30))
     pred = predict_volume(model, data, spacing_mm=(5.0, 0.7, 1.6), modality="MR", return_probabilities=True)
     assert pred.labels.shape == (3, 40, 30)
-    assert np.allclose(pred.probabilities.sum(0), 1.0, atol=1e-5)
+    assert np.allclose(pred.probabilities.sum(0, dtype=np.float32), 1.0, atol=3e-3)
     plain = predict_volume(model, data, modality="MR", return_probabilities=True)
     assert not np.allclose(plain.probabilities, pred.probabilities)  # it did resample
 
@@ -115,7 +117,7 @@ def test_predict_3d_sliding_window_labels_on_the_input_grid(models):
                           progress=lambda done, total: calls.append(done))
     assert pred.labels.shape == (13, 30, 21)
     assert pred.probabilities.shape == (4, 13, 30, 21)
-    assert np.allclose(pred.probabilities.sum(0), 1.0, atol=1e-4)
+    assert np.allclose(pred.probabilities.sum(0, dtype=np.float32), 1.0, atol=3e-3)
     assert calls and calls == sorted(calls)
     big = predict_volume(models["3d"], _volume((20, 70, 40)), modality="MR")  # several windows
     assert big.labels.shape == (20, 70, 40)
@@ -185,3 +187,53 @@ def test_attention_maps_need_modules_and_a_2d_model(models):
     without = load_model(models["mr_path"], with_modules=False)
     with pytest.raises(ConsistentSegError, match="no external modules"):
         attention_maps(without, _volume((1, 16, 16)))
+
+
+def test_the_input_array_is_left_as_it_was(models):
+    data = _volume((3, 40, 40), seed=5)
+    before = data.copy()
+    predict_volume(models["ct"], data, modality="CT", spacing_mm=(2.0, 0.7, 0.7))
+    predict_volume(models["mr"], data, modality="MR")
+    assert np.array_equal(data, before)
+
+
+def test_named_stages_compose_to_predict_volume(models):
+    from napari_consistent_seg.inference import infer, post_process, prepare_array
+
+    model = models["mr"]
+    data = _volume((4, 50, 36), seed=6)
+    prepared = prepare_array(model, data, (3.0, 1.0, 1.0), "MR")
+    assert prepared.data is data or np.shares_memory(prepared.data, data)  # no normalised copy is made
+    inferred = infer(model, prepared, batch_size=3)
+    assert inferred.labels.shape == (4, 50, 36) and inferred.probabilities is None
+    labels = post_process(model, inferred.labels, keep_largest=True)
+    assert np.array_equal(labels, predict_volume(model, data, spacing_mm=(3.0, 1.0, 1.0), modality="MR",
+                                                 keep_largest=True).labels)
+
+
+def test_label_upsampling_keeps_the_grid_and_mostly_agrees(tmp_path):
+    from napari_consistent_seg.inference import infer, prepare_array
+
+    folder = save_tiny(tmp_path / "spaced")
+    card = json.loads((folder / CARD_FILE).read_text())
+    card["target_spacing_mm"] = [1.0, 1.0]
+    (folder / CARD_FILE).write_text(json.dumps(card))
+    model = load_model(folder)
+    prepared = prepare_array(model, _volume((3, 40, 30)), (5.0, 0.5, 0.5), "MR")
+    assert prepared.model_size_yx == (20, 15)
+    by_probs = infer(model, prepared, upsampling="probabilities").labels
+    by_labels = infer(model, prepared, upsampling="labels").labels
+    assert by_labels.shape == by_probs.shape == (3, 40, 30)
+    assert (by_labels == by_probs).mean() > 0.8
+    with pytest.raises(ValueError, match="upsampling"):
+        infer(model, prepared, upsampling="cubic")
+
+
+def test_keep_largest_components_matches_monai():
+    from monai.transforms import KeepLargestConnectedComponent
+
+    labels = np.random.default_rng(1).integers(0, 4, (8, 30, 30)).astype(np.uint8)
+    labels[labels == 2] = 0  # a class absent in between
+    keep = KeepLargestConnectedComponent(applied_labels=[1, 3], is_onehot=False, independent=True)
+    assert np.array_equal(keep_largest_components(labels), np.asarray(keep(labels[None].copy()))[0])
+    assert np.array_equal(keep_largest_components(labels[0]), np.asarray(keep(labels[:1].copy()))[0])

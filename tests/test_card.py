@@ -163,6 +163,19 @@ def test_fine_tuned_card_records_the_run_and_clears_val_scores():
     assert tuned.val_scores == {} and tuned.fine_tuning[-1]["steps"] == 5 and tuned.plane == "acquisition"
 
 
+def test_dict_style_access_reads_and_writes_the_json_form_with_validation():
+    card = ModelCard.from_dict(_valid())
+    assert card["classes"]["0"] == "background" and card.get("postprocessing") == {"keep_largest_component": False}
+    assert card.get("no-such-key", 7) == 7
+    card["postprocessing"] = {"keep_largest_component": True}
+    assert card.keep_largest_component is True
+    card.setdefault("fine_tuning", []).append({"steps": 1})
+    assert card.fine_tuning == [{"steps": 1}]
+    with pytest.raises(ModelLoadError, match="plane"):
+        card["plane"] = "diagonal"
+    assert card.plane == "axial"  # a refused write changes nothing
+
+
 # ---- fuzzed cards: a ModelCard or a ModelLoadError, nothing else ------------------------------
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

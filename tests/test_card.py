@@ -216,4 +216,5 @@ def test_fuzzed_cards_give_a_card_or_model_load_error(raw):
     except ModelLoadError as error:
         assert str(error)
         return
-    assert ModelCard.from_dict(json.loads(json.dumps(card.to_dict()))) == card
+    text = json.dumps(card.to_dict())  # compared as JSON text: NaN != NaN as numbers
+    assert json.dumps(ModelCard.from_dict(json.loads(text)).to_dict()) == text

@@ -89,3 +89,26 @@ def test_export_before_a_run_says_what_to_do(widget, tmp_path):
     _, w = widget
     with pytest.raises(cardiac.ConsistentSegError, match="Segment all phases"):
         w.export_csv(tmp_path / "x.csv")
+
+
+@pytest.mark.gui
+def test_docked_from_the_plugin_menu_on_a_real_cine(make_napari_viewer, qtbot, shared_data, monkeypatch):
+    """napari.yaml's entry docks the widget; the Sunnybrook cine DICOM opens as a 4D layer it accepts."""
+    def by_phase(model, phases, **kwargs):  # LV width 20 +- 8 over the cycle: one ED, one ES
+        return fake_segment(model, [np.full(p.shape, 20 + 8 * np.cos(2 * np.pi * t / len(phases)), np.float32)
+                                    for t, p in enumerate(phases)])
+
+    monkeypatch.setattr(module, "segment_phases", by_phase)
+    viewer = make_napari_viewer()
+    (cine,) = viewer.open(str(shared_data / "sunnybrook_cine" / "dicom" / "SCD0000301"),
+                          plugin="napari-consistent-seg")
+    _, w = viewer.window.add_plugin_dock_widget("napari-consistent-seg", "Cardiac function")
+    assert isinstance(w, CardiacFunctionWidget) and cine.ndim == 4
+    w.image.set_layer(cine)
+    assert w.run()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60_000)
+    assert w.result is not None and w.result.n_phases == cine.data.shape[0] == 20
+    assert w.result.ed == 0 and w.result.es in (9, 10, 11)  # rounded widths tie round the minimum
+    assert w.result.unit == "ml" and w.labels_layer.data.shape == cine.data.shape
+    w.es_button.click()
+    assert viewer.dims.current_step[0] == w.result.es

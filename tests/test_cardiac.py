@@ -152,11 +152,11 @@ def test_cine_function_segments_every_phase_of_a_cine_volume(monkeypatch):
     import napari_consistent_seg.cardiac as cardiac
     from napari_consistent_seg.io import Geometry, Volume
 
-    def fake(model, phases, **kwargs):
-        return [np.where(np.arange(p.shape[-1]) < int(p.mean()), LV, 0).astype(np.uint8) * np.ones(p.shape, np.uint8)
-                for p in phases]
+    def fake(model, volume, **kwargs):
+        return [np.where(np.arange(8) < int(volume.phase(t).data.mean()), LV, 0).astype(np.uint8) * np.ones((2, 4, 8), np.uint8)
+                for t in range(volume.n_phases)]
 
-    monkeypatch.setattr(cardiac, "segment_phases", fake)
+    monkeypatch.setattr(cardiac, "segment_cardiac", fake)
     model = SimpleNamespace(classes={0: "background", 3: "LV cavity"})
     data = np.stack([np.full((2, 4, 8), w, np.float32) for w in (4, 6, 2)])
     volume = Volume(data, Geometry.from_spacing((10.0, 1.0, 1.0)), modality="MR")
@@ -165,15 +165,3 @@ def test_cine_function_segments_every_phase_of_a_cine_volume(monkeypatch):
     assert result.lv_ef_percent == pytest.approx(100 * 4 / 6) and result.unit == "ml"
     with pytest.raises(ConsistentSegError, match="not a cine"):
         cardiac.cine_function(model, Volume(data[0], Geometry.from_spacing((10.0, 1.0, 1.0))))
-
-
-def test_clean_cuts_a_ringed_atrium_that_widens_suddenly_above_the_base():
-    labels = heart()  # base at slice 0 (widest cavity), apex at slice 7
-    atrium = np.zeros((2, *labels.shape[1:]), np.uint8)
-    for z in range(2):
-        atrium[z][disk(labels.shape[1:], (48, 52), 24)] = MYO  # a closed "ring" round a big cavity
-        atrium[z][disk(labels.shape[1:], (48, 52), 20)] = LV   # 4x the basal LV cavity
-    labels = np.concatenate([atrium, labels])
-    cleaned = clean_cardiac_labels(labels, SPACING)
-    assert not np.isin(cleaned[:2], (MYO, LV)).any()
-    np.testing.assert_array_equal(cleaned[2:], heart())

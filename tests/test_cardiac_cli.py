@@ -33,11 +33,12 @@ def _fake_heart(shape, lv_width):
 
 @pytest.fixture
 def fake_segmentation(monkeypatch):
-    """segment_phases -> a heart whose LV width follows the phase's mean intensity (voxel value)."""
-    def segment(model, phases, **kwargs):
+    """segment_cardiac -> a heart whose LV width follows each phase's mean intensity (voxel value)."""
+    def segment(model, volume, **kwargs):
+        phases = [volume.phase(t).data for t in range(volume.n_phases)] if volume.n_phases else [volume.data]
         return [_fake_heart(p.shape, int(round(float(np.mean(p))))) for p in phases]
 
-    monkeypatch.setattr(cardiac, "segment_phases", segment)
+    monkeypatch.setattr(cardiac, "segment_cardiac", segment)
 
 
 def _run(capsys, *argv):

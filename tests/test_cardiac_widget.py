@@ -6,7 +6,6 @@ import pytest
 from napari.components import ViewerModel
 
 from napari_consistent_seg import cardiac
-from napari_consistent_seg._napari import cardiac_widget as module
 from napari_consistent_seg._napari.cardiac_widget import CardiacFunctionWidget
 from napari_consistent_seg._napari.layers import METADATA_KEY
 from napari_consistent_seg.io import Geometry
@@ -16,7 +15,9 @@ SPACING = (8.0, 1.5, 1.5)
 WIDTHS = [6, 8, 5, 3, 4]  # LV cavity width per phase: ED = 1, ES = 3
 
 
-def fake_segment(model, phases, **kwargs):
+def fake_segment(model, volume, **kwargs):
+    """segment_cardiac's stand-in: per phase, an LV whose width is the phase's mean intensity."""
+    phases = [volume.phase(t).data for t in range(volume.n_phases)] if hasattr(volume, "phase") else volume
     progress = kwargs.get("progress")
     out = []
     for t, phase in enumerate(phases):
@@ -33,7 +34,7 @@ def fake_segment(model, phases, **kwargs):
 
 @pytest.fixture
 def widget(qtbot, monkeypatch):
-    monkeypatch.setattr(module, "segment_phases", fake_segment)
+    monkeypatch.setattr(cardiac, "segment_cardiac", fake_segment)
     viewer = ViewerModel()
     cine = np.stack([np.full((3, 24, 24), w, np.float32) for w in WIDTHS])
     geometry = Geometry.from_spacing(SPACING, cine.shape[1:]).to_dict()
@@ -94,11 +95,12 @@ def test_export_before_a_run_says_what_to_do(widget, tmp_path):
 @pytest.mark.gui
 def test_docked_from_the_plugin_menu_on_a_real_cine(make_napari_viewer, qtbot, shared_data, monkeypatch):
     """napari.yaml's entry docks the widget; the Sunnybrook cine DICOM opens as a 4D layer it accepts."""
-    def by_phase(model, phases, **kwargs):  # LV width 20 +- 8 over the cycle: one ED, one ES
-        return fake_segment(model, [np.full(p.shape, 20 + 8 * np.cos(2 * np.pi * t / len(phases)), np.float32)
-                                    for t, p in enumerate(phases)])
+    def by_phase(model, volume, **kwargs):  # LV width 20 +- 8 over the cycle: one ED, one ES
+        n = volume.n_phases
+        return fake_segment(model, [np.full(volume.shape[1:], 20 + 8 * np.cos(2 * np.pi * t / n), np.float32)
+                                    for t in range(n)])
 
-    monkeypatch.setattr(module, "segment_phases", by_phase)
+    monkeypatch.setattr(cardiac, "segment_cardiac", by_phase)
     viewer = make_napari_viewer()
     (cine,) = viewer.open(str(shared_data / "sunnybrook_cine" / "dicom" / "SCD0000301"),
                           plugin="napari-consistent-seg")

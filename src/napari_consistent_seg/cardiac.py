@@ -458,58 +458,48 @@ def _signed_distance(mask: np.ndarray, pixel_mm) -> np.ndarray:
     return ndi.distance_transform_edt(~mask, sampling=pixel_mm) - ndi.distance_transform_edt(mask, sampling=pixel_mm)
 
 
-# ---- segmentation of every phase, for the CLI and the widget -------------------------------
+# ---- segmentation of every phase, for the CLI, the widget and the demo ---------------------
 
 
-def segment_phases(model, phases, *, spacing_mm=None, modality: str | None = "MR", clean: bool = True,
-                   device=None, progress=None, cancel=None) -> list[np.ndarray]:
-    """Segment each (Z, Y, X) phase of a short-axis scan with a 2D cardiac model; labels per phase.
+def _spacing_of(volume):
+    return volume.spacing_mm if volume.geometry.spacing_known else None
 
-    ``clean`` applies :func:`clean_cardiac_labels` (else the card's post-processing). Progress is
-    reported in slices over all phases; ``cancel`` as in ``inference.predict_volume``.
+
+def segment_cardiac(model, volume, *, clean: bool = True, device=None, progress=None,
+                    cancel=None) -> list[np.ndarray]:
+    """Segment a short-axis scan Volume (3D: one phase; cine: every phase) with a cardiac model;
+    labels per phase, each (Z, Y, X) on the scan's grid.
+
+    The model slices in its card's plane (``inference.segment``); ``clean`` then applies
+    :func:`clean_cardiac_labels` along the scan's own slice axis (axis 0, the short axis of a
+    cine), else the card's post-processing. Progress counts slices over all phases.
     """
-    from .inference import predict_volume
+    from .inference import segment
 
-    labels_of = CardiacLabels.from_classes(model.classes)
-    phases = [np.asarray(p) for p in phases]
-    total = sum(p.shape[0] for p in phases)
-    done = 0
-    out = []
-    for phase in phases:
-        def phase_progress(d, _t, offset=done):
-            if progress is not None:
-                progress(offset + d, total)
-
-        prediction = predict_volume(model, phase, spacing_mm=spacing_mm, modality=modality, device=device,
-                                    keep_largest=None if not clean else False, progress=phase_progress,
-                                    cancel=cancel)
-        labels = prediction.labels
-        out.append(clean_cardiac_labels(labels, spacing_mm, classes=labels_of) if clean else labels)
-        done += phase.shape[0]
-    return out
+    classes = CardiacLabels.from_classes(model.classes)
+    labels = segment(model, volume, device=device, keep_largest=False if clean else None, progress=progress,
+                     cancel=cancel)
+    phases = [labels.data[t] for t in range(volume.n_phases)] if volume.n_phases else [labels.data]
+    if not clean:
+        return phases
+    return [clean_cardiac_labels(p, _spacing_of(volume), classes=classes) for p in phases]
 
 
 def cine_function(model, volume, *, ed: int | None = None, es: int | None = None, clean: bool = True,
                   device=None, progress=None, cancel=None) -> tuple[CardiacFunction, list[np.ndarray]]:
-    """Segment every phase of a cine Volume (``n_phases``, ``phase(t)``; or (T, Z, Y, X) data) and
-    compute its function figures; returns (figures, labels per phase).
+    """Segment every phase of a cine Volume (T, Z, Y, X) and compute its function figures;
+    returns (figures, labels per phase).
 
     ED and ES default to the largest and smallest LV; volumes are voxel counts where the scan does
-    not know its voxel size. Raises ConsistentSegError for a 3D scan (give ED and ES frames to
-    :func:`cardiac_function` instead).
+    not know its voxel size. Raises ConsistentSegError for a 3D scan (segment its ED and ES frames
+    with :func:`segment_cardiac` and pass both to :func:`cardiac_function`).
     """
-    n_phases = getattr(volume, "n_phases", 0) or 0
-    if n_phases:
-        phases = [volume.phase(t).data for t in range(n_phases)]
-    elif np.ndim(volume.data) == 4:
-        phases = list(np.asarray(volume.data))
-    else:
+    if not volume.n_phases:
         raise ConsistentSegError(f"{volume.name or 'the scan'} is one 3D frame, not a cine: segment its ED and "
                                  "ES frames and pass both label volumes to cardiac_function")
-    spacing = volume.spacing_mm if volume.geometry.spacing_known else None
-    modality = volume.modality if volume.modality != "unknown" else "MR"
-    labels = segment_phases(model, phases, spacing_mm=spacing, modality=modality, clean=clean, device=device,
-                            progress=progress, cancel=cancel)
-    result = cardiac_function(labels, spacing, ed=ed, es=es, labels=CardiacLabels.from_classes(model.classes))
+    labels = segment_cardiac(model, volume, clean=clean, device=device, progress=progress, cancel=cancel)
+    names = [str(t) for t in range(len(labels))]
+    result = cardiac_function(labels, _spacing_of(volume), ed=ed, es=es,
+                              labels=CardiacLabels.from_classes(model.classes), phase_names=names)
     result.warnings[:0] = list(volume.meta.get("warnings", []))
     return result, labels

@@ -254,16 +254,8 @@ def cmd_demo(args) -> int:
 
 
 # ---- cardiac-function -----------------------------------------------------------------------
-def _phases_of(volume) -> list[np.ndarray]:
-    """A cine Volume's (Z, Y, X) phases, or [] for a 3D scan (works before and after cine Volumes)."""
-    n_phases = getattr(volume, "n_phases", 0) or 0
-    if n_phases:
-        return [volume.phase(t).data for t in range(n_phases)]
-    return [volume.data[t] for t in range(volume.data.shape[0])] if volume.data.ndim == 4 else []
-
-
 def cmd_cardiac_function(args) -> int:
-    from .cardiac import CardiacLabels, cardiac_function, function_table, segment_phases
+    from .cardiac import CardiacLabels, cardiac_function, cine_function, function_table, segment_cardiac
     from .io import load_volume
     from .models.store import load_model
 
@@ -273,33 +265,33 @@ def cmd_cardiac_function(args) -> int:
         raise ConsistentSegError("give a CINE scan (4D NIfTI or cine DICOM folder), or both --ed and --es")
     model = load_model(args.model, with_modules=False)
     classes = CardiacLabels.from_classes(model.classes)
-    if args.cine:
-        volume = load_volume(args.cine, modality=args.modality)
-        phases = _phases_of(volume)
-        if len(phases) < 2:
-            raise ConsistentSegError(f"{args.cine} is a single 3D scan, not a cine: give its ED and ES frames "
-                                     "with --ed ED --es ES")
-        ed = es = None
-        names = [str(t) for t in range(len(phases))]
-    else:
-        volumes = [load_volume(p, modality=args.modality) for p in (args.ed, args.es)]
-        if volumes[0].data.shape != volumes[1].data.shape:
-            raise ConsistentSegError(f"--ed {args.ed} has shape {volumes[0].data.shape} but --es {args.es} has "
-                                     f"{volumes[1].data.shape}: give two frames of one cine acquisition")
-        volume, phases, ed, es, names = volumes[0], [v.data for v in volumes], 0, 1, ["ED", "ES"]
-    for warning in volume.meta.get("warnings", []):
+    volumes = [load_volume(p, modality=args.modality) for p in ([args.cine] if args.cine else [args.ed, args.es])]
+    if args.cine and not volumes[0].n_phases:
+        raise ConsistentSegError(f"{args.cine} is a single 3D scan, not a cine: give its ED and ES frames "
+                                 "with --ed ED --es ES")
+    if not args.cine and volumes[0].shape != volumes[1].shape:
+        raise ConsistentSegError(f"--ed {args.ed} has shape {volumes[0].shape} but --es {args.es} has "
+                                 f"{volumes[1].shape}: give two frames of one cine acquisition")
+    for warning in volumes[0].meta.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
-    spacing = volume.spacing_mm if volume.geometry.spacing_known else None
-    bar = _progress_bar(sum(p.shape[0] for p in phases), "segmenting", unit="slice")
+    bar = _progress_bar(sum(v.shape[-3] * (v.n_phases or 1) for v in volumes), "segmenting", unit="slice")
+    offset = [0]
 
     def progress(done, total):
-        bar.total, bar.n = total, done
+        bar.n = offset[0] + done
         bar.refresh()
 
-    labels = segment_phases(model, phases, spacing_mm=spacing, modality=volume.modality or "MR",
-                            clean=args.clean, device=args.device, progress=progress)
+    options = {"clean": args.clean, "device": args.device, "progress": progress}
+    if args.cine:
+        result, _ = cine_function(model, volumes[0], **options)
+    else:
+        labels = []
+        for volume in volumes:
+            labels += segment_cardiac(model, volume, **options)
+            offset[0] += volume.shape[-3]
+        spacing = volumes[0].spacing_mm if volumes[0].geometry.spacing_known else None
+        result = cardiac_function(labels, spacing, ed=0, es=1, labels=classes, phase_names=["ED", "ES"])
     bar.close()
-    result = cardiac_function(labels, spacing, ed=ed, es=es, labels=classes, phase_names=names)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:

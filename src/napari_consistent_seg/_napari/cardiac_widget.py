@@ -16,13 +16,13 @@ from qtpy.QtWidgets import (
     QCheckBox, QFileDialog, QFormLayout, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
-from ..cardiac import CardiacLabels, cardiac_function, segment_phases
+from ..cardiac import cine_function
 from ..errors import ConsistentSegError
 from ..metrics import write_csv
 from ..models.store import load_model
 from ._widget_common import LayerPicker, ModelPicker, add_labels_layer, button, combo, device_choices, notify, row
 from ._workers import TaskRunner
-from .layers import geometry_from_layer, modality_from_layer
+from .layers import volume_from_layer
 
 # napari's dark theme, so the plot sits in the dock like the rest of it
 BACKGROUND, FOREGROUND = "#262930", "#d6d6d6"
@@ -124,7 +124,7 @@ class CardiacFunctionWidget(QWidget):
     def run(self) -> bool:
         """Start segmenting every phase; False (with a message) if the choices are unusable."""
         try:
-            layer, phases, spacing, modality, model_choice = self._read()
+            layer, volume, model_choice = self._read()
         except ConsistentSegError as error:
             notify(str(error), "warning", self.runner.status)
             return False
@@ -133,10 +133,8 @@ class CardiacFunctionWidget(QWidget):
 
         def task(progress, cancel):
             model = load_model(model_choice, device="cpu")
-            classes = CardiacLabels.from_classes(model.classes)
-            labels = segment_phases(model, phases, spacing_mm=spacing, modality=modality, clean=clean,
-                                    device=device, progress=progress, cancel=cancel)
-            result = cardiac_function(labels, spacing, labels=classes)
+            result, labels = cine_function(model, volume, clean=clean, device=device, progress=progress,
+                                           cancel=cancel)
             return model, np.stack(labels), result
 
         def returned(out):
@@ -146,7 +144,7 @@ class CardiacFunctionWidget(QWidget):
             self._cine_layer = layer
             self.show_result(result)
 
-        started = self.runner.start(task, description=f"Segmenting {len(phases)} phases of {layer.name}",
+        started = self.runner.start(task, description=f"Segmenting {volume.n_phases} phases of {layer.name}",
                                     on_returned=returned, on_finished=lambda: self.run_button.setEnabled(True))
         self.run_button.setEnabled(not started)
         return started
@@ -199,12 +197,10 @@ class CardiacFunctionWidget(QWidget):
         model_choice = self.model.choice()
         if model_choice is None:
             raise ConsistentSegError("No model: choose a cardiac model (cardiac-cine-mri).")
-        geometry = geometry_from_layer(layer)
-        spacing = geometry.spacing_mm if geometry.spacing_known else None
-        modality = modality_from_layer(layer)
-        data = np.asarray(layer.data)
-        return layer, [data[t] for t in range(data.shape[0])], spacing, ("MR" if modality == "unknown" else modality), \
-            model_choice
+        volume = volume_from_layer(layer)  # (T, Z, Y, X) cine; data not copied
+        if volume.modality == "unknown":
+            volume.modality = "MR"  # a cine without the tag: the cardiac models are MRI models
+        return layer, volume, model_choice
 
     def _export_dialog(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export cardiac function", "cardiac_function.csv", "CSV (*.csv)")

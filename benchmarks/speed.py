@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from napari_consistent_seg.inference import (
     _argmax_labels,
     infer,
+    inference_threads,
     keep_largest_components,
     pick_device,
     post_process,
@@ -107,9 +109,9 @@ def cardiac_volume(data: Path) -> np.ndarray:
 # ---- the previous pipeline, for the ratios ------------------------------------------------------
 
 def previous_predict(model, data, spacing_mm, modality, batch_size=8):
-    """What predict_volume did before the staged pipeline: the whole volume normalised to float32,
-    a (K, Z, Y, X) float32 probability volume upsampled slice batch by slice batch, numpy argmax,
-    MONAI's KeepLargestConnectedComponent."""
+    """What predict_volume did before the staged pipeline: torch's own thread count, the whole
+    volume normalised to float32, a (K, Z, Y, X) float32 probability volume upsampled batch by
+    batch, numpy argmax, MONAI's KeepLargestConnectedComponent."""
     from monai.transforms import KeepLargestConnectedComponent
 
     from napari_consistent_seg.intensity import normalise_intensity, spec_for_modality
@@ -340,7 +342,8 @@ def section_ideas(out: list[str], data: Path, image, reference, repeats: int) ->
     with torch.inference_mode():
         agree = float((bf16().float().argmax(1) == backbone(x).argmax(1)).float().mean())
     pair("bf16 autocast", lambda: _no_grad(backbone, x), bf16, f"argmax agrees on {100 * agree:.2f} % of pixels")
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         scripted = torch.jit.optimize_for_inference(torch.jit.trace(copy.deepcopy(backbone), x, check_trace=False))
     pair("TorchScript + optimize_for_inference (oneDNN fusion)", lambda: _no_grad(backbone, x),
          lambda: _no_grad(scripted, x))
@@ -356,7 +359,8 @@ def section_ideas(out: list[str], data: Path, image, reference, repeats: int) ->
         finally:
             torch.set_num_threads(old_threads)
 
-    pair(f"1 thread vs {old_threads}", lambda: _no_grad(backbone, x), one_thread)
+    pair(f"1 thread vs {old_threads}", lambda: _no_grad(backbone, x), one_thread,
+         "inference_threads() picks the idle cores' count from the load average")
     probs = torch.rand(8, 5, 512, 512).softmax(1)
     pair("argmax over K: channels-last vs strided (8 x 5 x 512 x 512)", lambda: probs.argmax(1),
          lambda: _argmax_labels(probs))
@@ -415,8 +419,8 @@ def machine() -> str:
     except OSError:
         pass
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"load average {load}")
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, torch threads {torch.get_num_threads()} "
+            f"(inference picks {inference_threads()} at this load), load average {load}")
 
 
 def main(argv=None) -> int:

@@ -237,3 +237,33 @@ def test_keep_largest_components_matches_monai():
     keep = KeepLargestConnectedComponent(applied_labels=[1, 3], is_onehot=False, independent=True)
     assert np.array_equal(keep_largest_components(labels), np.asarray(keep(labels[None].copy()))[0])
     assert np.array_equal(keep_largest_components(labels[0]), np.asarray(keep(labels[:1].copy()))[0])
+
+
+def test_inference_threads_follow_the_env_and_the_idle_cores(monkeypatch):
+    from napari_consistent_seg import inference
+
+    monkeypatch.setenv(inference.THREADS_ENV, "3")
+    assert inference.inference_threads() == 3
+    monkeypatch.setenv(inference.THREADS_ENV, "many")
+    with pytest.raises(ConsistentSegError, match="whole number"):
+        inference.inference_threads()
+    monkeypatch.delenv(inference.THREADS_ENV)
+    monkeypatch.setattr(inference.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(inference.torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(inference.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert inference.inference_threads() == 4
+    monkeypatch.setattr(inference.os, "getloadavg", lambda: (2.5, 0.0, 0.0))
+    assert inference.inference_threads() == 2
+    monkeypatch.setattr(inference.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert inference.inference_threads() == 1
+
+
+def test_inference_restores_torch_threads(models, monkeypatch):
+    from napari_consistent_seg import inference
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(inference, "inference_threads", lambda: 1)
+    seen = []
+    predict_volume(models["mr"], _volume((2, 32, 32)), modality="MR",
+                   progress=lambda d, t: seen.append(torch.get_num_threads()))
+    assert seen == [1] and torch.get_num_threads() == before

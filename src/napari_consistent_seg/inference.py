@@ -20,6 +20,8 @@ raising :class:`~napari_consistent_seg.errors.Cancelled`.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -58,6 +60,48 @@ def check_cancel(cancel) -> None:
     stop = cancel.is_set() if hasattr(cancel, "is_set") else cancel()
     if stop:
         raise Cancelled("stopped on request")
+
+
+#: Environment variable that fixes the CPU threads of inference (default: see `inference_threads`).
+THREADS_ENV = "CONSISTENT_SEG_THREADS"
+
+
+def inference_threads() -> int:
+    """CPU threads for inference: ``$CONSISTENT_SEG_THREADS`` if set, else torch's thread count
+    capped at the cores that other processes leave idle (1-minute load average), at least 1.
+
+    Why: torch's threads meet at a barrier after every operation, so one thread that the kernel
+    parks stalls them all. On our 2-core CPU at load 6, the abdomen network ran 3-10x slower per
+    slice on 2 threads than on 1 (benchmarks/speed.py, "ideas"); on idle cores all threads are kept.
+    """
+    fixed = os.environ.get(THREADS_ENV, "").strip()
+    if fixed:
+        try:
+            return max(1, int(fixed))
+        except ValueError:
+            raise ConsistentSegError(f"{THREADS_ENV}={fixed!r} is not a whole number of threads: "
+                                     "set it to e.g. 2, or unset it") from None
+    threads = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        idle = cores - os.getloadavg()[0]
+    except (AttributeError, OSError):  # not Linux / no load average: trust torch
+        return threads
+    return max(1, min(threads, math.ceil(idle)))
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device):
+    """Run the block with `inference_threads()` on the CPU, then restore torch's thread count."""
+    before = torch.get_num_threads()
+    wanted = inference_threads() if device.type == "cpu" else before
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if wanted != before:
+            torch.set_num_threads(before)
 
 
 def _autocast(device: torch.device):
@@ -229,7 +273,7 @@ def infer(model: Model, prepared: PreparedScan, *, device=None, batch_size: int 
     k = model.backbone.out_channels
     probabilities = np.empty((k, z, h, w), np.float16) if return_probabilities else None
     resized = prepared.model_size_yx is not None
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(device), _cpu_threads(device):
         for start, stop, x in _slice_batches(prepared, batch_size, device, progress, cancel):
             logits = model.backbone(x).float()
             if return_probabilities or (resized and upsampling == "probabilities"):
@@ -290,18 +334,39 @@ def _sliding_window_3d(model: Model, prepared: PreparedScan, device, overlap, pr
             progress(done[0], done[0] + 1)  # the window count is MONAI's; report a running count
         return result
 
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(device), _cpu_threads(device):
         probs = sliding_window_inference(image, roi, 4, predictor, overlap=overlap, mode="gaussian")
     return probs[0].float().cpu().numpy()
 
 
 # ---- stage 3: post-process -----------------------------------------------------------------------
 
-def post_process(model: Model, labels: np.ndarray, keep_largest: bool | None = None) -> np.ndarray:
-    """Stage 3: the card's post-processing (``keep_largest``: None = as the card says)."""
+def post_process(model: Model, labels: np.ndarray, keep_largest: bool | None = None,
+                 spacing_mm=None) -> np.ndarray:
+    """Stage 3: the card's post-processing of (Z, Y, X) labels, axis 0 the model's slicing axis.
+
+    Cards with ``postprocessing.cardiac`` get the cardiac clean-up (one heart, closed myocardium,
+    no atrium or false apical heart: `cardiac.clean_cardiac_labels`, docs/cardiac.md); others keep
+    each class's largest component when ``keep_largest_component`` says so. ``keep_largest``:
+    None = as the card says; False = none; True = the card's clean-up, else the largest component.
+    ``spacing_mm``: (z, y, x) of ``labels``, or None when the scan does not know it.
+    """
+    if keep_largest is False:
+        return labels
+    if model.card.cardiac_cleanup:
+        from .cardiac import CardiacLabels, clean_cardiac_labels
+
+        return clean_cardiac_labels(labels, spacing_mm, classes=CardiacLabels.from_classes(model.classes))
     if keep_largest is None:
         keep_largest = bool(model.card.keep_largest_component)
     return keep_largest_components(labels) if keep_largest else labels
+
+
+def _known_spacing(prepared: PreparedScan):
+    """The prepared scan's spacing, or None where its file lost the voxel size (identity affine)."""
+    if prepared.view is not None and not prepared.view.spacing_known:
+        return None
+    return prepared.spacing_mm
 
 
 def keep_largest_components(labels: np.ndarray) -> np.ndarray:
@@ -396,7 +461,7 @@ def segment(
 
         inferred = infer(model, prepared, device=device, batch_size=batch_size,
                          return_probabilities=return_probabilities, progress=phase_progress, cancel=cancel)
-        result = restore(prepared, post_process(model, inferred.labels, keep_largest))
+        result = restore(prepared, post_process(model, inferred.labels, keep_largest, _known_spacing(prepared)))
         if t is None:
             labels[...] = result
         else:
@@ -472,7 +537,7 @@ def predict_volume(
                      return_probabilities=return_probabilities, progress=progress, cancel=cancel)
     labels, probs = inferred.labels, inferred.probabilities
     if slices is None:
-        labels = post_process(model, labels, keep_largest)
+        labels = post_process(model, labels, keep_largest, prepared.spacing_mm)
     if single:
         labels, probs = labels[0], None if probs is None else probs[:, 0]
     return Prediction(labels, probs, prepared.modality, prepared.warnings)
@@ -544,7 +609,7 @@ def _attention_of_prepared(model: Model, prepared: PreparedScan, *, scale: int =
 
     z, h, w = prepared.data.shape
     maps = np.empty((model.backbone.out_channels, z, h, w), np.float32)
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(device), _cpu_threads(device):
         for start, stop, x in _slice_batches(prepared, batch_size, device, progress, cancel):
             result = forward(x).float()
             if prepared.model_size_yx:

@@ -470,18 +470,18 @@ def segment_cardiac(model, volume, *, clean: bool = True, device=None, progress=
     """Segment a short-axis scan Volume (3D: one phase; cine: every phase) with a cardiac model;
     labels per phase, each (Z, Y, X) on the scan's grid.
 
-    The model slices in its card's plane (``inference.segment``); ``clean`` then applies
+    The model slices in its card's plane (``inference.segment``, raw labels); ``clean`` then applies
     :func:`clean_cardiac_labels` along the scan's own slice axis (axis 0, the short axis of a
-    cine), else the card's post-processing. Progress counts slices over all phases.
+    cine), whatever the card says; without it each class keeps its largest component (the
+    post-processing before the clean-up). Progress counts slices over all phases.
     """
-    from .inference import segment
+    from .inference import keep_largest_components, segment
 
     classes = CardiacLabels.from_classes(model.classes)
-    labels = segment(model, volume, device=device, keep_largest=False if clean else None, progress=progress,
-                     cancel=cancel)
+    labels = segment(model, volume, device=device, keep_largest=False, progress=progress, cancel=cancel)
     phases = [labels.data[t] for t in range(volume.n_phases)] if volume.n_phases else [labels.data]
     if not clean:
-        return phases
+        return [keep_largest_components(p) for p in phases]
     return [clean_cardiac_labels(p, _spacing_of(volume), classes=classes) for p in phases]
 
 

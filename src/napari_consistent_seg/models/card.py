@@ -60,6 +60,10 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+_POSTPROCESSING_FORM = ("'postprocessing' must be {\"keep_largest_component\": true|false} with an optional "
+                        "\"cardiac\": true|false (the cardiac clean-up, docs/cardiac.md)")
+
+
 @dataclass
 class TrainingRecord:
     """How the weights were trained: method, iterations, wall time, hardware, commands, data, config."""
@@ -153,6 +157,7 @@ class ModelCard:
     plane: str = "axial"
     target_spacing_mm: list[float] | None = None
     keep_largest_component: bool = False
+    cardiac_cleanup: bool = False
     description: str = ""
     modules: dict | None = None
     training: TrainingRecord = field(default_factory=TrainingRecord)
@@ -184,8 +189,8 @@ class ModelCard:
         if spacing is not None and (not isinstance(spacing, list) or len(spacing) not in (2, 3)
                                     or not all(_is_number(s) and s > 0 for s in spacing)):
             raise _error(f"'target_spacing_mm' must be null or 2-3 positive sizes in mm, got {spacing!r}")
-        if not isinstance(self.keep_largest_component, bool):
-            raise _error("'postprocessing' must be {\"keep_largest_component\": true|false}")
+        if not isinstance(self.keep_largest_component, bool) or not isinstance(self.cardiac_cleanup, bool):
+            raise _error(_POSTPROCESSING_FORM)
         if self.modules is not None:
             self._check_modules()
         if not isinstance(self.training, TrainingRecord):
@@ -326,9 +331,10 @@ class ModelCard:
                                            if isinstance(f, dict)]
             raw["plane"] = "acquisition" if any(o in origins for o in _ACQUISITION_PLANE_MODELS) else "axial"
         post = raw.pop("postprocessing", None) or {}
-        if not isinstance(post, dict) or set(post) - {"keep_largest_component"}:
-            raise _error("'postprocessing' must be {\"keep_largest_component\": true|false}")
+        if not isinstance(post, dict) or set(post) - {"keep_largest_component", "cardiac"}:
+            raise _error(_POSTPROCESSING_FORM)
         raw["keep_largest_component"] = post.get("keep_largest_component", False)
+        raw["cardiac_cleanup"] = post.get("cardiac", False)
         if raw.get("colours") is None:
             raw["colours"] = {}
         raw["training"] = TrainingRecord.from_dict(raw.get("training") or {})
@@ -357,7 +363,8 @@ class ModelCard:
             "plane": self.plane,
             "target_spacing_mm": None if self.target_spacing_mm is None else list(self.target_spacing_mm),
             "patch_size": list(self.patch_size),
-            "postprocessing": {"keep_largest_component": self.keep_largest_component},
+            "postprocessing": {"keep_largest_component": self.keep_largest_component,
+                               **({"cardiac": True} if self.cardiac_cleanup else {})},
             "training": self.training.to_dict() if self.training != TrainingRecord() else {},
             "val_scores": copy.deepcopy(self.val_scores),
             **({"fine_tuning": copy.deepcopy(self.fine_tuning)} if self.fine_tuning else {}),

@@ -30,10 +30,11 @@ class SegmentWidget(ModelTaskWidget):
     action = "Segment"
 
     def options(self) -> list:
-        self.keep_largest = QCheckBox("Keep each class's largest piece")
+        self.keep_largest = QCheckBox("Clean up (the model's post-processing)")
         self.keep_largest.setChecked(True)
         self.keep_largest.setToolTip("Remove the islands a slice-wise model leaves elsewhere in the volume: "
-                                     "each class keeps its largest connected component")
+                                     "each class keeps its largest connected component; cardiac models keep "
+                                     "one heart with a closed myocardium (docs/cardiac.md)")
         self.probabilities = QCheckBox("Add per-class probability layers")
         self.all_phases = QCheckBox("Cine: segment every phase (else the phase shown)")
         self.all_phases.setChecked(True)

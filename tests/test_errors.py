@@ -165,3 +165,59 @@ def test_cli_usage_errors_exit_with_code_2(capsys):
         main(["no-such-command"])
     assert info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+# ---- prediction -----------------------------------------------------------------------------
+VOLUME = np.random.default_rng(0).random((3, 24, 24)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"data": VOLUME.astype(np.complex64)}, "numbers"),
+    ({"data": np.array([["a", "b"]])}, "numbers"),
+    ({"spacing_mm": "abc"}, "spacing_mm"),
+    ({"spacing_mm": (1.0, 1.0)}, "spacing_mm"),
+    ({"spacing_mm": (0.0, 1.0, 1.0)}, "spacing_mm"),
+    ({"spacing_mm": (-1.0, 1.0, 1.0)}, "spacing_mm"),
+    ({"spacing_mm": (float("nan"), 1.0, 1.0)}, "spacing_mm"),
+    ({"device": "tpu"}, "device"),
+    ({"device": "banana:3"}, "device"),
+    ({"slices": [99]}, "slices"),
+    ({"slices": [-99]}, "slices"),
+])
+def test_predict_volume_bad_input(tiny_model, kwargs, message):
+    from napari_consistent_seg.inference import predict_volume
+
+    kwargs = {"data": VOLUME, "modality": "MR", **kwargs}
+    data = kwargs.pop("data")
+    with pytest.raises(ConsistentSegError, match=message):
+        predict_volume(tiny_model, data, **kwargs)
+
+
+def test_predict_on_a_cuda_device_this_machine_lacks(tiny_model):
+    import torch
+
+    from napari_consistent_seg.inference import predict_volume
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConsistentSegError, match="CUDA"):
+        predict_volume(tiny_model, VOLUME, device="cuda")
+
+
+@pytest.mark.parametrize("model", [None, "tiny", 3])
+def test_prediction_needs_a_loaded_model(model):
+    from napari_consistent_seg.inference import predict_volume, segment
+    from napari_consistent_seg.io import Geometry, Volume
+
+    with pytest.raises(InvalidInputError, match="load_model"):
+        predict_volume(model, VOLUME)
+    with pytest.raises(InvalidInputError, match="load_model"):
+        segment(model, Volume(VOLUME, Geometry.from_spacing((1.0, 1.0, 1.0), VOLUME.shape)))
+
+
+@pytest.mark.parametrize("volume", [None, VOLUME, "scan.nii.gz"])
+def test_segment_needs_a_volume(tiny_model, volume):
+    from napari_consistent_seg.inference import segment
+
+    with pytest.raises(InvalidInputError, match="load_volume"):
+        segment(tiny_model, volume)

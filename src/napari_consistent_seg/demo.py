@@ -44,7 +44,7 @@ def find_shared_data() -> Path | None:
 
 
 def _label_map_for(model: Model, dataset: str) -> dict | None:
-    for source in model.card.get("training", {}).get("data", {}).get("val", []):
+    for source in model.card.val_sources:
         if source.get("dataset") == dataset:
             return source.get("label_map")
     return None

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .errors import Cancelled, ConsistentSegError, ShapeMismatchError
+from .errors import Cancelled, ConsistentSegError, InvalidInputError, ShapeMismatchError
 from .intensity import spec_for_modality
 from .io.volume import Geometry, Volume
 from .models.store import Model
@@ -51,7 +51,15 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise InvalidInputError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from error
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise InvalidInputError(f"device {device!r}: this machine has no such CUDA GPU; use auto or cpu")
+    if chosen.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InvalidInputError(f"device {device!r}: Apple MPS is not available here; use auto or cpu")
+    return chosen
 
 
 def check_cancel(cancel) -> None:
@@ -183,9 +191,27 @@ def _check_array(data) -> np.ndarray:
         raise ShapeMismatchError(f"expected a (Z, Y, X) volume or a (Y, X) image, got shape {arr.shape}")
     if arr.size == 0:
         raise ShapeMismatchError("the volume is empty")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise ConsistentSegError(f"the volume holds {arr.dtype} values, not numbers")
+    if arr.dtype.kind not in "biuf":  # complex, text, objects: not intensities
+        raise InvalidInputError(f"the volume holds {arr.dtype} values, not numbers (real intensities)")
     return arr
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, Model):
+        raise InvalidInputError(f"expected a model from load_model(name), got {type(model).__name__}")
+
+
+def _check_spacing(spacing_mm) -> tuple[float, float, float] | None:
+    """(z, y, x) voxel size in mm as floats, or None; InvalidInputError for anything else."""
+    if spacing_mm is None:
+        return None
+    try:
+        spacing = tuple(float(s) for s in spacing_mm)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"spacing_mm {spacing_mm!r} must be three numbers (z, y, x) in mm") from None
+    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise InvalidInputError(f"spacing_mm {spacing} must be three positive sizes (z, y, x) in mm")
+    return spacing
 
 
 def prepare_array(model: Model, data, spacing_mm=None, modality: str | None = None) -> PreparedScan:
@@ -194,6 +220,7 @@ def prepare_array(model: Model, data, spacing_mm=None, modality: str | None = No
     Warns (does not refuse) when the modality is not one the model was trained on, or unknown,
     and when the volume has NaN or infinite voxels (they take the lowest intensity).
     """
+    _check_model(model)
     arr = _check_array(data)
     card = model.card
     asked = modality or "unknown"
@@ -207,7 +234,7 @@ def prepare_array(model: Model, data, spacing_mm=None, modality: str | None = No
     intensity = intensity_map(arr, spec)
     if intensity.fill is not None:
         warnings.insert(0, "the volume has NaN or infinite voxels; they were treated as the lowest intensity")
-    spacing = tuple(float(s) for s in spacing_mm) if spacing_mm is not None else None
+    spacing = _check_spacing(spacing_mm)
     size = inplane_size(arr.shape[1:], spacing, card.target_spacing_mm) if model.spatial_dims == 2 else None
     return PreparedScan(arr, intensity, spacing, size, used, warnings)
 
@@ -443,6 +470,10 @@ def segment(
     ``meta["probabilities"]`` holds (K, [T,] Z, Y, X) float16. Warnings (modality, spacing) are in
     ``meta["warnings"]``. Progress counts slices over all phases.
     """
+    _check_model(model)
+    if not isinstance(volume, Volume):
+        raise InvalidInputError(f"segment() takes a Volume from load_volume(path), got {type(volume).__name__}; "
+                                "use predict_volume for a bare array")
     if volume.is_label:
         raise ConsistentSegError(f"{volume.name!r} is a label map, not a scan: choose the image to segment.")
     n_phases = volume.n_phases
@@ -532,7 +563,11 @@ def predict_volume(
     if slices is not None:
         if model.spatial_dims != 2:
             raise ConsistentSegError("predict_volume(slices=...) is for 2D models only")
-        prepared.data = prepared.data[np.asarray(slices, dtype=int)]
+        index = np.asarray(slices, dtype=int).reshape(-1)
+        n = prepared.data.shape[0]
+        if index.size and (index.min() < -n or index.max() >= n):
+            raise InvalidInputError(f"slices {index.tolist()} out of range for a volume of {n} slices")
+        prepared.data = prepared.data[index]
     inferred = infer(model, prepared, device=device, batch_size=batch_size, overlap=overlap,
                      return_probabilities=return_probabilities, progress=progress, cancel=cancel)
     labels, probs = inferred.labels, inferred.probabilities
@@ -570,6 +605,8 @@ def prepare_input(model: Model, data: np.ndarray, spacing_mm=None, modality: str
 
 def attention_volume(model: Model, volume: Volume, **options) -> np.ndarray:
     """`attention_maps` of a 3D Volume in the model's plane, returned on the volume's grid: (K, Z, Y, X)."""
+    if not isinstance(volume, Volume):
+        raise InvalidInputError(f"attention_volume() takes a Volume from load_volume(path), got {type(volume).__name__}")
     if volume.n_phases is not None:
         raise ConsistentSegError("attention maps take one phase of a cine: pass volume.phase(t)")
     _check_attention(model, options.get("scale", 0), options.get("head"))
@@ -578,6 +615,7 @@ def attention_volume(model: Model, volume: Volume, **options) -> np.ndarray:
 
 
 def _check_attention(model: Model, scale: int, head: int | None) -> None:
+    _check_model(model)
     if model.modules is None:
         raise ConsistentSegError(
             f"model {model.name!r} has no external modules saved beside it, so it has no attention maps"
@@ -586,10 +624,10 @@ def _check_attention(model: Model, scale: int, head: int | None) -> None:
         raise ConsistentSegError("attention maps are implemented for 2D models only")
     n_scales = len(model.modules.config["heads"])
     if not 0 <= scale < n_scales:
-        raise ValueError(f"scale must be 0..{n_scales - 1} (0 = deepest), got {scale}")
+        raise InvalidInputError(f"scale must be 0..{n_scales - 1} (0 = deepest), got {scale}")
     heads = model.modules.config["heads"][scale]
     if head is not None and not 0 <= head < heads:
-        raise ValueError(f"scale {scale} has heads 0..{heads - 1}, got {head}")
+        raise InvalidInputError(f"scale {scale} has heads 0..{heads - 1}, got {head}")
 
 
 def _attention_of_prepared(model: Model, prepared: PreparedScan, *, scale: int = 0, head: int | None = None,

@@ -133,8 +133,8 @@ class Finetuner:
         # then keep "unknown" apart from "known background"
         encoded = np.where(known, labels.astype(np.int64) + 1, 0).astype(np.uint8)
         data, encoded = resample_inplane(prepared.data, encoded, prepared.spacing_mm or (1, 1, 1),
-                                         self.model.card.get("target_spacing_mm") if prepared.spacing_mm else None)
-        patch = [min(p, n) for p, n in zip(self.model.card["patch_size"], data.shape[1:])]
+                                         self.model.card.target_spacing_mm if prepared.spacing_mm else None)
+        patch = [min(p, n) for p, n in zip(self.model.card.patch_size, data.shape[1:])]
         is_labeled = np.zeros(data.shape[0], bool)
         is_labeled[labeled] = True
         self.labeled = SliceStream([data], [encoded], patch, slice_masks=[is_labeled], seed=seed)
@@ -143,7 +143,7 @@ class Finetuner:
         self.batch_size = batch_size
         self.confidence_threshold = confidence_threshold
         self.weights = {"aux": 1.0, "pse": 1.0, "cons": 50.0,
-                        **self.model.card.get("training", {}).get("config", {}).get("weights", {})}
+                        **self.model.card.training_weights}
         params = list(self.model.backbone.parameters())
         if method == "icl":
             params += list(self.model.modules.parameters())
@@ -203,13 +203,11 @@ class Finetuner:
 
     def finished_model(self) -> Model:
         """The fine-tuned model with a card that records the fine-tune (a copy, safe to save)."""
-        card = copy.deepcopy(self.model.card)
-        card.setdefault("fine_tuning", []).append({
+        card = self.model.card.fine_tuned({  # a copy; its val scores are cleared (no longer measured)
             "method": self.method, "anchor": self.anchor, "steps": self.steps_done,
             "painted_slices": self.painted_slices, "known_voxels": self.known_voxels,
-            "wall_time_s": round(self.elapsed_s, 1), "from_model": self.model.card["name"],
+            "wall_time_s": round(self.elapsed_s, 1), "from_model": self.model.card.name,
         })
-        card["val_scores"] = {}  # no longer measured on val after fine-tuning
         return Model(copy.deepcopy(self.model.backbone), card, copy.deepcopy(self.model.modules), None)
 
 

@@ -174,6 +174,7 @@ VOLUME = np.random.default_rng(0).random((3, 24, 24)).astype(np.float32)
 @pytest.mark.parametrize("kwargs,message", [
     ({"data": VOLUME.astype(np.complex64)}, "numbers"),
     ({"data": np.array([["a", "b"]])}, "numbers"),
+    ({"data": VOLUME > 0.5}, "numbers"),
     ({"spacing_mm": "abc"}, "spacing_mm"),
     ({"spacing_mm": (1.0, 1.0)}, "spacing_mm"),
     ({"spacing_mm": (0.0, 1.0, 1.0)}, "spacing_mm"),

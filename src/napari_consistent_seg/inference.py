@@ -191,7 +191,7 @@ def _check_array(data) -> np.ndarray:
         raise ShapeMismatchError(f"expected a (Z, Y, X) volume or a (Y, X) image, got shape {arr.shape}")
     if arr.size == 0:
         raise ShapeMismatchError("the volume is empty")
-    if arr.dtype.kind not in "biuf":  # complex, text, objects: not intensities
+    if arr.dtype.kind not in "iuf":  # bool, complex, text, objects: not intensities
         raise InvalidInputError(f"the volume holds {arr.dtype} values, not numbers (real intensities)")
     return arr
 

@@ -36,6 +36,7 @@ def test_recorder_follows_brush_eraser_fill_undo_and_redo():
     layer.mode = "fill"
     layer.fill((2, 15, 15), 1)
     assert recorder.known()[2].all()
+    assert (EditRecorder(layer).known()[1] == recorder.known()[1]).all()  # opened later: sees the history
     recorder.base = np.zeros(layer.data.shape, bool)
     recorder.base[0, 0, 0] = True
     assert recorder.known()[0].sum() == 1

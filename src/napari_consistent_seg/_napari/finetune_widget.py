@@ -53,6 +53,9 @@ class EditRecorder:
         self.layer = layer
         self.atoms: list = []
         self.base: np.ndarray | None = None
+        # edits made before the widget opened are in the layer's undo history: count them as dabs
+        for item in getattr(layer, "_undo_history", []):
+            self.atoms.extend((atom, True) for atom in item)
         layer.events.paint.connect(self._on_paint)
 
     def _on_paint(self, event) -> None:

@@ -204,7 +204,7 @@ def run_round(model, case: Case, labels, known, options: dict, seconds: float | 
     return pred, tuned_s, tuner.steps_done
 
 
-def time_default_round(threads: int, repeats: int = 3) -> int:
+def time_default_round(threads: int, repeats: int = 2) -> int:
     """Wall time of default rounds (steps only, as the widget's progress bar counts) on acdc
     patient028_frame01 (10 slices, 256 x 224), two painted slices; the load average beside it."""
     import os

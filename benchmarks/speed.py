@@ -375,7 +375,7 @@ def section_ideas(out: list[str], data: Path, image, reference, repeats: int) ->
             torch.set_num_threads(old_threads)
 
     pair(f"1 thread vs {old_threads}", lambda: _no_grad(backbone, x), one_thread,
-         "inference_threads() picks the idle cores' count from the load average")
+         "inference_threads() picks the idle cores' count from the runnable tasks")
     probs = torch.rand(8, 5, 512, 512).softmax(1)
     pair("argmax over K: channels-last vs strided (8 x 5 x 512 x 512)", lambda: probs.argmax(1),
          lambda: _argmax_labels(probs))

@@ -250,11 +250,11 @@ def test_inference_threads_follow_the_env_and_the_idle_cores(monkeypatch):
     monkeypatch.delenv(inference.THREADS_ENV)
     monkeypatch.setattr(inference.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(inference.torch, "get_num_threads", lambda: 4)
-    monkeypatch.setattr(inference.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    monkeypatch.setattr(inference, "_busy_cores", lambda: 0.0)
     assert inference.inference_threads() == 4
-    monkeypatch.setattr(inference.os, "getloadavg", lambda: (2.5, 0.0, 0.0))
+    monkeypatch.setattr(inference, "_busy_cores", lambda: 2.0)
     assert inference.inference_threads() == 2
-    monkeypatch.setattr(inference.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    monkeypatch.setattr(inference, "_busy_cores", lambda: 9.0)
     assert inference.inference_threads() == 1
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -76,11 +77,13 @@ THREADS_ENV = "CONSISTENT_SEG_THREADS"
 
 def inference_threads() -> int:
     """CPU threads for inference: ``$CONSISTENT_SEG_THREADS`` if set, else torch's thread count
-    capped at the cores that other processes leave idle (1-minute load average), at least 1.
+    capped at the cores that other processes leave idle now (`_busy_cores`), at least 1.
 
     Why: torch's threads meet at a barrier after every operation, so one thread that the kernel
     parks stalls them all. On our 2-core CPU at load 6, the abdomen network ran 3-10x slower per
     slice on 2 threads than on 1 (benchmarks/speed.py, "ideas"); on idle cores all threads are kept.
+    The count of runnable tasks is read now rather than the 1-minute load average, which would
+    also count this process's own last run and keep a laptop on one thread after each job.
     """
     fixed = os.environ.get(THREADS_ENV, "").strip()
     if fixed:
@@ -92,10 +95,24 @@ def inference_threads() -> int:
     threads = torch.get_num_threads()
     try:
         cores = len(os.sched_getaffinity(0))
-        idle = cores - os.getloadavg()[0]
-    except (AttributeError, OSError):  # not Linux / no load average: trust torch
+    except (AttributeError, OSError):  # not Linux: trust torch
         return threads
-    return max(1, min(threads, math.ceil(idle)))
+    return max(1, min(threads, math.ceil(cores - _busy_cores())))
+
+
+def _busy_cores(samples: int = 3) -> float:
+    """Tasks running or waiting for a core besides the one asking, median of a few reads of
+    /proc/loadavg's runnable count 5 ms apart; 0 where it cannot be read (then all threads)."""
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        if i + 1 < samples:
+            time.sleep(0.005)
+    return float(np.median(counts))
 
 
 @contextlib.contextmanager

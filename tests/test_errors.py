@@ -12,7 +12,8 @@ import pytest
 from conftest import save_tiny
 
 from napari_consistent_seg.cli import main
-from napari_consistent_seg.errors import ConsistentSegError, InvalidInputError, ModelLoadError
+from napari_consistent_seg.errors import ConsistentSegError, InvalidInputError, ModelLoadError, VolumeReadError
+from napari_consistent_seg.io import load_volume
 from napari_consistent_seg.metrics import evaluate_labels
 from napari_consistent_seg.models.store import CARD_FILE, MODULES_FILE, load_model, save_user_model
 
@@ -165,6 +166,28 @@ def test_cli_usage_errors_exit_with_code_2(capsys):
         main(["no-such-command"])
     assert info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+# ---- reading scans --------------------------------------------------------------------------
+@pytest.mark.parametrize("path", [None, 123, ["a.nii.gz"], 4.5])
+def test_load_volume_with_something_that_is_not_a_path(path):
+    with pytest.raises(VolumeReadError, match="path"):
+        load_volume(path)
+
+
+def test_load_volume_with_a_file_name_too_long_for_the_file_system(tmp_path):
+    with pytest.raises(VolumeReadError):
+        load_volume(tmp_path / ("x" * 300 + ".nii.gz"))
+
+
+@pytest.mark.parametrize("path", [None, 123, [None], 4.5])
+def test_napari_reader_declines_what_is_not_a_path(path):
+    pytest.importorskip("napari")
+    from napari_consistent_seg._napari._reader import get_reader, read_layers
+
+    assert get_reader(path) is None
+    with pytest.raises(VolumeReadError):
+        read_layers(path)
 
 
 # ---- prediction -----------------------------------------------------------------------------

@@ -20,10 +20,19 @@ def get_reader(path):
 
     Never raises: napari then asks the next plugin.
     """
-    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    paths = _as_paths(path)
     if not paths or not all(_is_readable_by_us(p) for p in paths):
         return None
     return read_layers
+
+
+def _as_paths(path) -> list | None:
+    """[path] for one path, the list for a list or tuple of paths, else None."""
+    if isinstance(path, (str, Path)):
+        return [path]
+    if isinstance(path, (list, tuple)) and all(isinstance(p, (str, Path)) for p in path):
+        return list(path)
+    return None
 
 
 def read_layers(path) -> list[tuple]:
@@ -33,7 +42,9 @@ def read_layers(path) -> list[tuple]:
     """
     from napari.utils.notifications import show_warning
 
-    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    paths = _as_paths(path)
+    if paths is None:
+        raise VolumeReadError(f"napari passed {path!r}, which is not a path to a NIfTI file or DICOM folder.")
     layers, series_seen = [], set()
     for one_path in paths:
         try:

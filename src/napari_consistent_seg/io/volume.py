@@ -310,6 +310,8 @@ def load_volume(path, *, modality: str | None = None) -> Volume:
     from .dicom import read_dicom
     from .nifti import is_nifti_path, read_nifti
 
+    if not isinstance(path, (str, Path)) and not hasattr(path, "__fspath__"):
+        raise VolumeReadError(f"a scan is a path to a NIfTI file or a DICOM folder, got {type(path).__name__}")
     path = Path(path)
     override = None if modality is None else normalize_modality(modality)
     try:

@@ -85,7 +85,7 @@ def test_strokes_train_a_copy_anchored_to_the_start(tiny_model_path, method):
     assert tuner.steps_done == 2 and tuner.painted_slices == [2] and tuner.known_voxels == 100
     for k, v in model.backbone.state_dict().items():  # the model passed in is never changed
         assert torch.equal(v, start[k])
-    record = tuner.finished_model().card["fine_tuning"][-1]
+    record = tuner.finished_model().card.fine_tuning[-1]
     assert record["method"] == method and record["known_voxels"] == 100 and record["steps"] == 2
 
 
@@ -136,7 +136,7 @@ def test_cli_finetune_writes_the_segmentation_and_a_loadable_model(tmp_path, tin
     assert result.shape == image.shape
     assert (result[2, 20, 20:30] == 3).all() and (result[2, 5, 5:10] == 0).all()  # corrections win
     tuned = load_model(out / "model")
-    assert tuned.card["fine_tuning"][-1]["steps"] == 2 and tuned.card["fine_tuning"][-1]["known_voxels"] == 15
+    assert tuned.card.fine_tuning[-1]["steps"] == 2 and tuned.card.fine_tuning[-1]["known_voxels"] == 15
     assert "2 steps" in capsys.readouterr().out
     wrong = save_nifti(painted[:3], Geometry.from_spacing((4.0, 1.5, 1.5), (3, 48, 56)), tmp_path / "w.nii.gz")
     assert main(["finetune", str(image_path), str(wrong), "--model", str(tiny_model_path), "-o", str(out)]) == 2

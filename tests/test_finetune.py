@@ -150,7 +150,7 @@ def test_strokes_on_three_slices_raise_dice_on_the_rest(shared_data):
 
     from napari_consistent_seg.inference import predict_volume
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # robust on a loaded 2-core machine: 2 threads stall each other there
     case = "patient039_frame02"  # a val frame where the shipped model starts at 78 % Dice
     volume = load_volume(shared_data / "acdc" / "images" / f"{case}.nii.gz")
     truth = load_volume(shared_data / "acdc" / "labels" / f"{case}.nii.gz").data.astype(np.uint8)

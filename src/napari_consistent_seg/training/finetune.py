@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConsistentSegError, ShapeMismatchError
+from ..errors import ConsistentSegError, InvalidInputError, ShapeMismatchError
 from ..inference import check_cancel, pick_device, prepare_input
 from ..models.modules import EAMModule, ICLModules
 from ..models.store import Model
@@ -101,6 +101,14 @@ class Finetuner:
             raise ConsistentSegError(f"fine-tuning method must be 'supervised' or 'icl', not {method!r}")
         image = np.asarray(image)
         labels = np.asarray(labels)
+        if image.ndim != 3 or not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
+            raise InvalidInputError(
+                f"fine-tuning takes a (Z, Y, X) volume of real numbers, not an array of shape "
+                f"{image.shape} and type {image.dtype}: pass one 3D scan (one phase of a cine)"
+            )
+        if labels.dtype != bool and (not np.issubdtype(labels.dtype, np.number) or np.iscomplexobj(labels)
+                                     or not np.array_equal(labels, np.round(labels))):
+            raise InvalidInputError(f"painted labels must be whole numbers (class values), not {labels.dtype} values")
         if image.shape != labels.shape:
             raise ShapeMismatchError(
                 f"the painted labels {labels.shape} do not match the image {image.shape}: "

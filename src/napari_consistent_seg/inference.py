@@ -546,6 +546,17 @@ class Prediction:
     warnings: list[str]
 
 
+def _prepare_slices(model: Model, data, spacing_mm, modality) -> tuple[PreparedScan, bool]:
+    """`prepare_array` of a (Z, Y, X) volume or of one (Y, X) image (then Z = 1 and True)."""
+    arr = np.asarray(data)
+    single = arr.ndim == 2
+    if single:
+        arr = arr[None]
+        if spacing_mm is not None and len(spacing_mm) == 2:
+            spacing_mm = (1.0, *spacing_mm)
+    return prepare_array(model, arr, spacing_mm, modality), single
+
+
 def predict_volume(
     model: Model,
     data: np.ndarray,
@@ -570,13 +581,7 @@ def predict_volume(
     volume (a preview matches the full result, less the post-processing, which needs the whole
     volume); labels are then (len(slices), Y, X).
     """
-    arr = np.asarray(data)
-    single = arr.ndim == 2
-    if single:
-        arr = arr[None]
-        if spacing_mm is not None and len(spacing_mm) == 2:
-            spacing_mm = (1.0, *spacing_mm)
-    prepared = prepare_array(model, arr, spacing_mm, modality)
+    prepared, single = _prepare_slices(model, data, spacing_mm, modality)
     if slices is not None:
         if model.spatial_dims != 2:
             raise ConsistentSegError("predict_volume(slices=...) is for 2D models only")
@@ -695,13 +700,7 @@ def attention_maps(
     in the model's plane (for a Volume use :func:`attention_volume`).
     """
     _check_attention(model, scale, head)
-    arr = np.asarray(data)
-    single = arr.ndim == 2
-    if single:
-        arr = arr[None]
-        if spacing_mm is not None and len(spacing_mm) == 2:
-            spacing_mm = (1.0, *spacing_mm)
-    prepared = prepare_array(model, arr, spacing_mm, modality)
+    prepared, single = _prepare_slices(model, data, spacing_mm, modality)
     maps = _attention_of_prepared(model, prepared, scale=scale, head=head, device=device, batch_size=batch_size,
                                   progress=progress, cancel=cancel)
     return maps[:, 0] if single else maps

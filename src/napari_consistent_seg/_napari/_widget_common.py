@@ -357,3 +357,17 @@ def stack(widget: QWidget, *items) -> QVBoxLayout:
         (layout.addLayout if isinstance(item, QLayout) else layout.addWidget)(item)
     layout.addStretch(1)
     return layout
+
+
+def export_csv_dialog(widget, title: str, default_name: str, export) -> None:
+    """Ask for a file name and call ``export(path)`` (which returns the path written); say what came of it
+    in ``widget.runner.status``, errors included."""
+    from qtpy.QtWidgets import QFileDialog
+
+    path, _ = QFileDialog.getSaveFileName(widget, title, default_name, "CSV (*.csv)")
+    if not path:
+        return
+    try:
+        notify(f"Saved {export(path)}", "info", widget.runner.status)
+    except (ConsistentSegError, OSError) as error:
+        notify(f"Could not save the CSV: {error}", "error", widget.runner.status)

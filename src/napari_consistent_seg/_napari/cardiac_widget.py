@@ -13,14 +13,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from napari.layers import Image
 from qtpy.QtWidgets import (
-    QCheckBox, QFileDialog, QFormLayout, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
+    QCheckBox, QFormLayout, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
 from ..cardiac import cine_function
 from ..errors import ConsistentSegError
 from ..metrics import write_csv
 from ..models.store import load_model
-from ._widget_common import LayerPicker, ModelPicker, add_labels_layer, button, combo, device_choices, notify, row
+from ._widget_common import LayerPicker, ModelPicker, add_labels_layer, button, combo, device_choices, export_csv_dialog, notify, row
 from ._workers import TaskRunner
 from .layers import volume_from_layer
 
@@ -203,13 +203,7 @@ class CardiacFunctionWidget(QWidget):
         return layer, volume, model_choice
 
     def _export_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export cardiac function", "cardiac_function.csv", "CSV (*.csv)")
-        if not path:
-            return
-        try:
-            notify(f"Saved {self.export_csv(path)}", "info", self.runner.status)
-        except (ConsistentSegError, OSError) as error:
-            notify(f"Could not save the CSV: {error}", "error", self.runner.status)
+        export_csv_dialog(self, "Export cardiac function", "cardiac_function.csv", self.export_csv)
 
 
 def _grid_4d(layer) -> dict:

@@ -7,11 +7,11 @@ import math
 import napari
 import numpy as np
 from napari.layers import Labels
-from qtpy.QtWidgets import QFileDialog, QFormLayout, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFormLayout, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
 from ..errors import ConsistentSegError
 from ..metrics import evaluate_labels, summarise, write_csv
-from ._widget_common import LayerPicker, button, class_names_of, notify, row
+from ._widget_common import LayerPicker, button, class_names_of, export_csv_dialog, notify, row
 from ._workers import TaskRunner
 from .layers import geometry_from_layer
 
@@ -101,13 +101,7 @@ class EvaluateWidget(QWidget):
         return str(write_csv(self.rows, path))
 
     def _export_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export metrics", "metrics.csv", "CSV (*.csv)")
-        if not path:
-            return
-        try:
-            notify(f"Saved {self.export_csv(path)}", "info", self.runner.status)
-        except (ConsistentSegError, OSError) as error:
-            notify(f"Could not save the CSV: {error}", "error", self.runner.status)
+        export_csv_dialog(self, "Export metrics", "metrics.csv", self.export_csv)
 
 
 def _cell(value, factor, decimals) -> str:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .errors import Cancelled, ConsistentSegError, InvalidInputError, ShapeMismatchError
-from .intensity import spec_for_modality
+from .intensity import IntensityMap, intensity_map, spec_for_modality
 from .io.volume import Geometry, Volume
 from .models.store import Model
 
@@ -137,50 +137,6 @@ def _autocast(device: torch.device):
 
 
 # ---- stage 1: prepare ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class IntensityMap:
-    """Maps raw intensities to [0, 1]: clip to [lo, hi] and rescale; non-finite voxels take ``fill``
-    first (the volume's lowest finite value). ``lo == hi`` (a constant volume) maps to 0;
-    ``lo = None``: values pass as they are (already normalised)."""
-
-    lo: float | None
-    hi: float | None = None
-    fill: float | None = None
-
-    def __call__(self, values: torch.Tensor) -> torch.Tensor:
-        """(B, ...) raw values, any dtype -> float32 in [0, 1], same shape."""
-        x = values.float()
-        if self.lo is None:
-            return x
-        if self.fill is not None:
-            x = torch.where(torch.isfinite(x), x, torch.tensor(self.fill, dtype=x.dtype, device=x.device))
-        if self.hi <= self.lo:
-            return torch.zeros_like(x)
-        # out of place first: a float32 `values` shares memory with the caller's array
-        return x.clamp(self.lo, self.hi).sub_(self.lo).div_(self.hi - self.lo)
-
-
-def intensity_map(data: np.ndarray, spec: dict) -> IntensityMap:
-    """The card's normalisation ``spec`` fitted to ``data`` (see intensity.normalise_intensity):
-    hu_window -> the window (an 8-bit CT is taken as windowed upstream: 0..255); percentile -> the
-    percentiles of the finite voxels."""
-    fill = None
-    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-        finite = data[np.isfinite(data)]
-        fill = float(finite.min()) if finite.size else 0.0
-    kind = spec.get("kind")
-    if kind == "hu_window":
-        lo, hi = (0.0, 255.0) if data.dtype == np.uint8 else (float(v) for v in spec["window"])
-    elif kind == "percentile":
-        values = data if fill is None else data[np.isfinite(data)]
-        if values.size == 0:
-            return IntensityMap(0.0, 0.0)
-        lo, hi = (float(v) for v in np.percentile(values, spec.get("percentiles", [1.0, 99.0])))
-    else:
-        raise ConsistentSegError(f"unknown normalisation kind {kind!r} in the model card")
-    return IntensityMap(lo, hi, fill)
-
 
 @dataclass
 class PreparedScan:
@@ -352,7 +308,13 @@ def run_slices(forward, data: np.ndarray, channels: int, *, device, batch_size: 
     data = _check_array(data)
     prepared = PreparedScan(data, IntensityMap(None), spacing_mm,
                             inplane_size(data.shape[1:], spacing_mm, target_spacing_yx), "")
-    z, h, w = data.shape
+    return _float_maps(forward, prepared, channels, device, batch_size, progress, cancel)
+
+
+def _float_maps(forward, prepared: PreparedScan, channels: int, device, batch_size, progress, cancel) -> np.ndarray:
+    """``forward`` over every slice batch of ``prepared``, its float maps back at the slices' own
+    size: (channels, Z, Y, X) float32."""
+    z, h, w = prepared.data.shape
     out = np.empty((channels, z, h, w), np.float32)
     with torch.inference_mode(), _autocast(device):
         for start, stop, x in _slice_batches(prepared, batch_size, device, progress, cancel):
@@ -667,15 +629,8 @@ def _attention_of_prepared(model: Model, prepared: PreparedScan, *, scale: int =
         weights = weights.mean(1) if head is None else weights[:, head]
         return out.to_input_grid(weights)
 
-    z, h, w = prepared.data.shape
-    maps = np.empty((model.backbone.out_channels, z, h, w), np.float32)
-    with torch.inference_mode(), _autocast(device), _cpu_threads(device):
-        for start, stop, x in _slice_batches(prepared, batch_size, device, progress, cancel):
-            result = forward(x).float()
-            if prepared.model_size_yx:
-                result = F.interpolate(result, size=(h, w), mode="bilinear", align_corners=False)
-            maps[:, start:stop] = result.transpose(0, 1).cpu().numpy()
-    return maps
+    with _cpu_threads(device):
+        return _float_maps(forward, prepared, model.backbone.out_channels, device, batch_size, progress, cancel)
 
 
 def attention_maps(

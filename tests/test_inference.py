@@ -14,7 +14,10 @@ from napari_consistent_seg.errors import (
     ShapeMismatchError,
 )
 from napari_consistent_seg.inference import (
+    PRECISION_ENV,
     attention_maps,
+    bilinear_argmax,
+    inference_precision,
     keep_largest_components,
     pick_device,
     predict_volume,
@@ -267,3 +270,28 @@ def test_inference_restores_torch_threads(models, monkeypatch):
     predict_volume(models["mr"], _volume((2, 32, 32)), modality="MR",
                    progress=lambda d, t: seen.append(torch.get_num_threads()))
     assert seen == [1] and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("size_in,size_out", [((29, 23), (64, 50)), ((40, 40), (17, 90)), ((3, 2), (11, 11)),
+                                              ((1, 1), (4, 4)), ((32, 32), (32, 32))])
+def test_bilinear_argmax_gives_the_labels_of_resized_probabilities(size_in, size_out):
+    """Same labels as resizing the probabilities bilinearly and taking the argmax, up or down."""
+    torch.manual_seed(0)
+    logits = torch.nn.functional.avg_pool2d(torch.randn(3, 5, *size_in) * 4, 3, 1, 1)  # regions, not noise
+    probs = logits.softmax(1)
+    expected = torch.nn.functional.interpolate(probs, size=size_out, mode="bilinear", align_corners=False).argmax(1)
+    got = bilinear_argmax(probs, size_out)
+    assert got.dtype == torch.uint8 and got.shape == (3, *size_out)
+    assert torch.equal(got.long(), expected)
+
+
+def test_precision_follows_the_device_and_the_environment(monkeypatch):
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    assert inference_precision(torch.device("cpu")) in ("bfloat16", "float32")
+    assert inference_precision(torch.device("cuda")) == "float16"
+    monkeypatch.setenv(PRECISION_ENV, "float32")
+    assert inference_precision(torch.device("cpu")) == "float32"
+    assert inference_precision(torch.device("cuda")) == "float32"
+    monkeypatch.setenv(PRECISION_ENV, "half")
+    with pytest.raises(ConsistentSegError, match="auto or float32"):
+        inference_precision(torch.device("cpu"))

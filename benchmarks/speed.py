@@ -7,14 +7,16 @@ threads and the load average are printed with the figures.
 Sections (``--sections``, all by default):
 - ``ct``: a 512 x 512 x 300 CT in Hounsfield units (int16, 0.7 mm pixels, 2.5 mm slices), rebuilt
   from a btcv val case as benchmarks/hu_ct.py does (8-bit values mapped back to HU, resampled):
-  `predict_volume` against the previous pipeline (a whole float32 probability volume, numpy
-  argmax, MONAI's KeepLargestConnectedComponent), the time of each stage, labels compared;
+  `predict_volume` (in the precision `inference_precision` picks, and forced to float32) against
+  the previous pipeline (a whole float32 probability volume, numpy argmax, MONAI's
+  KeepLargestConnectedComponent), the time of each stage, labels and Dice compared;
 - ``memory``: peak memory above the loaded volume, new pipeline and previous one, each in a fresh
   process (Linux: peak RSS reset through /proc/self/clear_refs after loading);
 - ``cli``: ``consistent-seg predict`` end to end on that CT as .nii.gz (process start, load,
   segment, save);
 - ``cardiac``: a 10 x 256 x 256 cine MRI volume with the cardiac model: FLOPs counted, divided by
-  a float32 matmul rate measured in the same run (the floor), and against MONAI's SliceInferer;
+  a matmul rate measured in the same run in the precision each path runs in (its floor), and
+  against MONAI's SliceInferer;
 - ``ideas``: what each speed idea gave (channels_last, bf16, TorchScript with oneDNN fusion,
   batch size, threads, argmax layout, label vs probability upsampling with its Dice effect,
   connected components with scipy vs MONAI);
@@ -27,6 +29,7 @@ Sections (``--sections``, all by default):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -43,9 +46,11 @@ import torch
 import torch.nn.functional as F
 
 from napari_consistent_seg.inference import (
+    PRECISION_ENV,
     _argmax_labels,
     _cpu_threads,
     infer,
+    inference_precision,
     inference_threads,
     keep_largest_components,
     pick_device,
@@ -176,21 +181,48 @@ def mean_dice(labels, reference, classes=(1, 2, 3, 4)) -> float:
 
 # ---- sections ------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def float32_only():
+    """Inference in float32 whatever the CPU (``CONSISTENT_SEG_PRECISION=float32``)."""
+    before = os.environ.get(PRECISION_ENV)
+    os.environ[PRECISION_ENV] = "float32"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[PRECISION_ENV]
+        else:
+            os.environ[PRECISION_ENV] = before
+
+
 def section_ct(out: list[str], model, image, reference, repeats: int) -> None:
     def new():
         return predict_volume(model, image, spacing_mm=CT_SPACING, modality="CT").labels
 
+    def new_float32():
+        with float32_only():
+            return new()
+
     results = {}
-    times = interleaved({"new": lambda: results.__setitem__("new", new()),
-                         "previous": lambda: results.__setitem__("previous", previous_predict(
-                             model, image, CT_SPACING, "CT"))}, repeats, warmup=False)
-    same = int((results["new"] != results["previous"]).sum())
+    names = {"new": new, "new, float32": new_float32,
+             "previous": lambda: previous_predict(model, image, CT_SPACING, "CT")}
+    times = interleaved({name: lambda name=name, fn=fn: results.__setitem__(name, fn())
+                         for name, fn in names.items()}, repeats, warmup=False)
+    precision = inference_precision(torch.device("cpu"))
     out += [f"## 512 x 512 x 300 HU CT, abdomen-ct-mri ({repeats} interleaved runs each)", "",
-            "| pipeline | median wall time | min-max |", "|---|---|---|"]
-    for name in ("new", "previous"):
-        out.append(f"| {name} | {med(times[name]):.1f} s | {min(times[name]):.1f}-{max(times[name]):.1f} s |")
-    out += ["", f"Ratio previous / new (median of pairs): **{1 / ratio(times, 'new', 'previous'):.2f}x**; "
-            f"labels differing between the two: {same} of {image.size} voxels.", ""]
+            f"\"new\" runs in {precision} here (`inference_precision`); \"new, float32\" is the same pipeline "
+            "with CONSISTENT_SEG_PRECISION=float32.", "",
+            "| pipeline | median wall time | min-max | x faster than previous (median of pairs) | labels differing from previous |",
+            "|---|---|---|---|---|"]
+    for name in names:
+        speedup = "" if name == "previous" else f"{1 / ratio(times, name, 'previous'):.2f}x"
+        differ = "" if name == "previous" else f"{int((results[name] != results['previous']).sum())} of {image.size}"
+        out.append(f"| {name} | {med(times[name]):.1f} s | {min(times[name]):.1f}-{max(times[name]):.1f} s | "
+                   f"{speedup} | {differ} |")
+    out.append("")
+    if reference is not None:
+        out += ["Mean Dice vs the expert labels (4 organs, post-processed): " + ", ".join(
+            f"{name} {mean_dice(results[name], reference):.2f} %" for name in names) + ".", ""]
     # the stages, one run
     stage = {}
     start = time.perf_counter()
@@ -200,14 +232,11 @@ def section_ct(out: list[str], model, image, reference, repeats: int) -> None:
     inferred = infer(model, prepared)
     stage["infer"] = time.perf_counter() - start
     start = time.perf_counter()
-    labels = post_process(model, inferred.labels)
+    post_process(model, inferred.labels)
     stage["post_process"] = time.perf_counter() - start
     total = sum(stage.values())
     out += ["Stages of the new pipeline (one run): " + ", ".join(
         f"{k} {v:.2f} s ({100 * v / total:.0f} %)" for k, v in stage.items()) + ".", ""]
-    if reference is not None:
-        out += [f"Mean Dice vs the expert labels (4 organs): new {mean_dice(labels, reference):.2f} %, previous "
-                f"{mean_dice(results['previous'], reference):.2f} %.", ""]
 
 
 def _peak_child(args) -> None:
@@ -272,10 +301,10 @@ def section_cli(out: list[str], nifti: Path, repeats: int) -> None:
             f"Median {med(times):.1f} s over {repeats} runs (min {min(times):.1f}, max {max(times):.1f}).", ""]
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 matmul rate, over torch's thread count and the one inference picks (the
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
+    """Best matmul rate in ``dtype``, over torch's thread count and the one inference picks (the
     higher rate gives the lower, stricter floor)."""
-    a, b = torch.rand(n, n), torch.rand(n, n)
+    a, b = torch.rand(n, n, dtype=dtype), torch.rand(n, n, dtype=dtype)
     before, best = torch.get_num_threads(), 0.0
     for threads in sorted({before, inference_threads()}):
         torch.set_num_threads(threads)
@@ -316,18 +345,32 @@ def section_cardiac(out: list[str], data: Path, repeats: int) -> None:
         with _cpu_threads(cpu):
             return _no_grad(backbone, torch.rand(10, 1, 256, 256))
 
+    def float32_predict():
+        with float32_only():
+            return predict_volume(model, image, modality="MR", keep_largest=False)
+
+    precision = inference_precision(cpu)
     fns = {"predict_volume": lambda: predict_volume(model, image, modality="MR", keep_largest=False),
+           "predict_volume, float32": float32_predict,
            "SliceInferer": monai_slice_inferer, "network only, one batch of 10": network_only}
     times = interleaved(fns, repeats)
-    rate = matmul_gflops()
-    floor = gflop / rate
+    rates = {"float32": matmul_gflops()}
+    if precision != "float32":
+        rates[precision] = matmul_gflops(dtype=getattr(torch, precision))
+    floors = {name: gflop / rate for name, rate in rates.items()}
     out += ["## Cardiac 10 x 256 x 256 volume, cardiac-cine-mri", "",
-            f"Network FLOPs counted: {gflop:.1f} GFLOP; float32 matmul rate in this run: {rate:.0f} GFLOP/s; "
-            f"floor {1000 * floor:.0f} ms. Every path runs on the threads inference picks.", "",
-            "| path | median | GFLOP/s | x floor |", "|---|---|---|---|"]
+            f"Network FLOPs counted: {gflop:.1f} GFLOP. Matmul rates in this run: "
+            + ", ".join(f"{name} {rate:.0f} GFLOP/s (floor {1000 * floors[name]:.0f} ms)" for name, rate in rates.items())
+            + f". predict_volume runs in {precision} here; each path is set against the floor of the "
+            "precision it runs in. Every path runs on the threads inference picks.", "",
+            "| path | precision | median | GFLOP/s | x its floor |", "|---|---|---|---|---|"]
     for name, t in times.items():
-        out.append(f"| {name} | {1000 * med(t):.0f} ms | {gflop / med(t):.0f} | {med(t) / floor:.1f} |")
-    out += ["", f"predict_volume / SliceInferer (median of pairs): {ratio(times, 'predict_volume', 'SliceInferer'):.2f}", ""]
+        runs_in = "float32" if name != "predict_volume" else precision
+        out.append(f"| {name} | {runs_in} | {1000 * med(t):.0f} ms | {gflop / med(t):.0f} | "
+                   f"{med(t) / floors[runs_in]:.2f} |")
+    out += ["", f"predict_volume / SliceInferer (median of pairs): {ratio(times, 'predict_volume', 'SliceInferer'):.2f}; "
+            f"predict_volume, float32 / SliceInferer (same precision): "
+            f"{ratio(times, 'predict_volume, float32', 'SliceInferer'):.2f}", ""]
 
 
 def _no_grad(module, x):

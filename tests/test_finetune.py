@@ -179,3 +179,54 @@ def test_strokes_on_three_slices_raise_dice_on_the_rest(shared_data):
     print(f"{case}: {known.sum()} stroke voxels on slices {sorted(worst.tolist())}; Dice on the rest "
           f"{100 * dice(before):.1f} -> {100 * dice(after):.1f} %")
     assert dice(after) > dice(before) + 0.01
+
+
+def test_cli_finetune_on_the_sunnybrook_cine_dicom(shared_data, tmp_path, capsys):
+    """IMAGE is a real scanner's cine DICOM folder (20 phases x 10 oblique short-axis slices):
+    corrections on the image's own 4D grid, a (x, y, z, t) segmentation back on it."""
+    folder = shared_data / "sunnybrook_cine" / "dicom" / "SCD0000301"
+    volume = load_volume(folder)
+    assert volume.n_phases == 20
+    painted = np.zeros(volume.shape, np.uint8)
+    painted[0, 5, 100:110, 100:110] = 3  # a stroke of LV cavity on phase 0, slice 5
+    known = painted > 0
+    painted_path = save_nifti(painted, volume.geometry, tmp_path / "painted.nii.gz")
+    known_path = save_nifti(known, volume.geometry, tmp_path / "known.nii.gz")
+    out = tmp_path / "out"
+    code = main(["finetune", str(folder), str(painted_path), "--model", "cardiac-cine-mri",
+                 "--known", str(known_path), "--steps", "2", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    written = out / f"{folder.name}.nii.gz"
+    result = load_volume(written)
+    assert result.shape == volume.shape and result.n_phases == 20
+    np.testing.assert_allclose(result.geometry.source_affine, volume.geometry.source_affine, atol=1e-4)
+    assert (result.data[0, 5, 100:110, 100:110] == 3).all()  # the correction wins
+    assert {1, 2, 3} <= set(np.unique(result.data[9]).tolist())  # every phase segmented
+    assert load_model(out / "model").card.fine_tuning[-1]["known_voxels"] == 100
+
+
+def test_model_slices_follow_the_models_plane(tiny_model_path):
+    """An axial-plane model fine-tunes on the axial slices of a coronal scan, and the whole-slice rule
+    counts the slices as the user painted them (the scan's own)."""
+    from napari_consistent_seg.io.volume import Volume
+    from napari_consistent_seg.training.finetune import model_slices, whole_slice_known
+
+    model = load_model(tiny_model_path)
+    model.card.plane = "axial"
+    coronal = np.array([[-1.5, 0, 0, 0], [0, 0, 3.0, 0], [0, 1.5, 0, 0], [0, 0, 0, 1]], float)  # i=R->L, j=I->S, k=P->A
+    geometry = Geometry.from_source_grid(coronal, (40, 30, 12), slice_axis=2)
+    data = np.arange(geometry.shape_zyx[0] * geometry.shape_zyx[1] * geometry.shape_zyx[2], dtype=np.float32)
+    scan = Volume(data.reshape(geometry.shape_zyx), geometry, name="coronal", modality="MR")
+    assert scan.geometry.plane == "coronal"
+    painted = np.zeros(scan.shape, np.uint8)
+    painted[3, 7, 2:5] = 1
+    known = whole_slice_known(painted)
+    assert known[3].all() and not known[2].any()  # coronal slice 3, as painted
+    (image, labels, known_slices), spacing = model_slices(model, scan, scan.data, painted, known)
+    view = geometry.view("axial")
+    assert image.shape == view.shape_zyx and spacing == view.spacing_mm
+    np.testing.assert_array_equal(image, geometry.transfer(scan.data, view))
+    assert labels.sum() == 3 and known_slices.sum() == known.sum()
+    np.testing.assert_array_equal(view.transfer(known_slices, geometry), known)
+    with pytest.raises(ShapeMismatchError, match="grid"):
+        model_slices(model, scan, painted[:2])

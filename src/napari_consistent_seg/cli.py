@@ -125,26 +125,20 @@ def cmd_predict(args) -> int:
 def cmd_finetune(args) -> int:
     import torch
 
-    from .errors import ShapeMismatchError
-    from .inference import predict_volume
+    from .inference import segment
     from .io import load_volume, save_nifti
     from .models.store import load_model, save_model
-    from .training.finetune import finetune, merge_corrections
+    from .training.finetune import finetune, merge_corrections, model_slices, whole_slice_known
 
     if args.threads:
         torch.set_num_threads(args.threads)
     volume = load_volume(args.image, modality=args.modality)
     painted = load_volume(args.painted).data
-    known = None if args.known is None else load_volume(args.known).data != 0
-    for what, array in (("PAINTED", painted), ("--known", known)):
-        if array is not None and array.shape != volume.data.shape:
-            raise ShapeMismatchError(f"{what} has shape {array.shape}, the image {volume.data.shape}: "
-                                     "save the corrections on the image's grid (e.g. from napari's Labels layer)")
+    # painted slices as napari shows them (the scan's own slices), before any change of plane
+    known = whole_slice_known(painted) if args.known is None else load_volume(args.known).data != 0
     model = load_model(args.model)
-    # a cine (T, Z, Y, X) trains a 2D model on all its slices of all phases
-    flat = (-1, *volume.data.shape[-2:])
-    image, labels = volume.data.reshape(flat), painted.reshape(flat).astype(np.int64)
-    known_flat = None if known is None else known.reshape(flat)
+    # the model learns from slices in its own plane; a cine gives the slices of all its phases
+    (image, labels, known_slices), spacing = model_slices(model, volume, volume.data, painted, known)
     steps = 10**9 if args.seconds else args.steps  # --seconds alone: as many steps as fit
     bar = _progress_bar(None if args.seconds else steps, f"fine-tuning {model.name}", unit="step")
 
@@ -152,16 +146,13 @@ def cmd_finetune(args) -> int:
         bar.n = done
         bar.refresh()
 
-    tuner = finetune(model, image, labels, known_flat, steps=steps, seconds=args.seconds,
-                     spacing_mm=volume.spacing_mm, modality=volume.modality, device=args.device, progress=progress)
+    tuner = finetune(model, image, labels.astype(np.int64), known_slices, steps=steps, seconds=args.seconds,
+                     spacing_mm=spacing, modality=volume.modality, device=args.device, progress=progress)
     bar.close()
     for warning in tuner.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     tuned = tuner.finished_model()
-    phases = [volume.data] if volume.data.ndim == 3 else list(volume.data)
-    prediction = np.stack([predict_volume(tuned, phase, spacing_mm=volume.spacing_mm, modality=volume.modality,
-                                          device=args.device).labels for phase in phases])
-    prediction = prediction.reshape(volume.data.shape)
+    prediction = segment(tuned, volume, device=args.device).data  # every phase, on the scan's own grid
     merged = merge_corrections(prediction, painted.astype(prediction.dtype), known)
     outdir = Path(args.output)
     outdir.mkdir(parents=True, exist_ok=True)

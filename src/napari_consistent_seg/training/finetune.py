@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConsistentSegError, InvalidInputError, ShapeMismatchError
-from ..inference import check_cancel, pick_device, prepare_input
+from ..inference import check_cancel, model_view, pick_device, prepare_input
+from ..io.volume import Volume
 from ..models.modules import EAMModule, ICLModules
 from ..models.store import Model
 from . import losses
@@ -43,9 +44,11 @@ def icl_modules_for(model: Model) -> ICLModules:
 
 
 def whole_slice_known(painted: np.ndarray) -> np.ndarray:
-    """The whole-slice rule: every voxel of a slice (axis 0) with a non-zero voxel is known."""
+    """The whole-slice rule: every voxel of a slice (the last two axes: a (Z, Y, X) volume, or each
+    phase of a (T, Z, Y, X) cine) with a non-zero voxel is known."""
     painted = np.asarray(painted)
-    return np.broadcast_to(painted.reshape(painted.shape[0], -1).any(1)[:, None, None], painted.shape).copy()
+    touched = painted.reshape(*painted.shape[:-2], -1).any(-1)
+    return np.broadcast_to(touched[..., None, None], painted.shape).copy()
 
 
 def partial_seg_loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -237,6 +240,27 @@ def finetune(model: Model, image: np.ndarray, labels: np.ndarray, known: np.ndar
         if seconds and tuner.elapsed_s >= seconds:
             break
     return tuner
+
+
+def model_slices(model: Model, volume: Volume, *arrays):
+    """``arrays`` on ``volume``'s grid ((Z, Y, X), or (T, Z, Y, X) for a cine) as stacks of slices
+    in the plane the model slices in (`inference.model_view`: the acquisition plane of a cardiac
+    cine, the axial plane of an abdominal scan whatever its acquisition), the phases of a cine one
+    after another. Returns (stacks, spacing_mm of those slices) - what `Finetuner` takes."""
+    phase = volume if volume.n_phases is None else volume.phase(0)
+    view = model_view(model, phase)
+    stacks = []
+    for array in arrays:
+        if array is None:
+            stacks.append(None)
+            continue
+        array = np.asarray(array)
+        if array.shape != volume.shape:
+            raise ShapeMismatchError(f"an array of shape {array.shape} is not on the scan's grid {volume.shape}: "
+                                     "save the corrections on the image's grid (e.g. from napari's Labels layer)")
+        phases = [array] if volume.n_phases is None else list(array)
+        stacks.append(np.concatenate([phase.geometry.transfer(a, view) for a in phases]))
+    return stacks, view.spacing_mm
 
 
 def merge_corrections(prediction: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:

@@ -7,6 +7,7 @@ No maths here and no state outside the widget instances that own these pieces.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +337,8 @@ class ModelInputs(QWidget):
             raise ConsistentSegError("No image layer: open a scan (File > Open) or a sample first.")
         volume = volume_of(layer)
         modality = MODALITY_CHOICES[self.modality.currentText()] or volume.modality
+        if modality != volume.modality:  # the user's choice travels with the scan (core calls read it there)
+            volume = dataclasses.replace(volume, modality=modality)
         model = self.model.choice()
         if model is None:
             raise ConsistentSegError("No model: no model is installed yet; choose a model folder.")

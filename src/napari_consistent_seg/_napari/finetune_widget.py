@@ -13,9 +13,9 @@ from napari.layers import Labels
 from qtpy.QtWidgets import QFormLayout, QLabel, QLineEdit, QWidget
 
 from ..errors import ConsistentSegError
-from ..inference import predict_volume
+from ..inference import model_view, predict_volume, segment
 from ..models.store import load_model, save_user_model
-from ..training.finetune import DEFAULTS, Finetuner, merge_corrections, whole_slice_known
+from ..training.finetune import DEFAULTS, Finetuner, merge_corrections, model_slices, whole_slice_known
 from ._widget_common import (
     LayerPicker,
     ModelInputs,
@@ -200,7 +200,10 @@ class FinetuneWidget(QWidget):
 
         def task(progress, cancel):
             model = start_model or load_model(model_choice, device="cpu")
-            tuner = Finetuner(model, volume.data, labels, known, spacing_mm=volume.spacing_mm, modality=modality,
+            # the model learns from slices in its own plane (the scan's own for a cardiac model)
+            (image, painted, known_slices), spacing = model_slices(model, volume, volume.data, labels, known)
+            own_plane = np.array_equal(model_view(model, volume).ornt, volume.geometry.ornt)
+            tuner = Finetuner(model, image, painted, known_slices, spacing_mm=spacing, modality=modality,
                               device=device, method=method)
             yield "ready", tuner
             for step in range(1, steps + 1):
@@ -210,8 +213,12 @@ class FinetuneWidget(QWidget):
                 preview = None
                 if every and (step % every == 0 or step == steps):
                     z = self._preview_z[0]
-                    preview = z, predict_volume(tuner.model, volume.data, spacing_mm=volume.spacing_mm,
-                                                modality=modality, device=device, slices=[z]).labels[0]
+                    if own_plane:  # one slice
+                        shown = predict_volume(tuner.model, volume.data, spacing_mm=volume.spacing_mm,
+                                               modality=modality, device=device, slices=[z]).labels[0]
+                    else:  # the shown slice cuts every slice of the model's plane: the whole scan
+                        shown = segment(tuner.model, volume, device=device).data[z]
+                    preview = z, shown
                 yield "step", (step, steps, float(stats["loss"]), tuner.elapsed_s, budget_s, preview)
                 if budget_s and tuner.elapsed_s >= budget_s:
                     break
@@ -303,8 +310,7 @@ class FinetuneWidget(QWidget):
         model = self.tuner.model
 
         def task(progress, cancel):
-            return predict_volume(model, s["volume"].data, spacing_mm=s["volume"].spacing_mm, modality=s["modality"],
-                                  device=s["device"], progress=progress, cancel=cancel).labels
+            return segment(model, s["volume"], device=s["device"], progress=progress, cancel=cancel).data
 
         def write(prediction):
             known = self.known_of(layer)  # read now: corrections made while it ran win too

@@ -13,6 +13,7 @@ from napari_consistent_seg.models.store import load_model
 from napari_consistent_seg.training import losses
 from napari_consistent_seg.training.finetune import (
     Finetuner,
+    anchor_loss,
     ICLFinetuner,
     finetune,
     merge_corrections,
@@ -230,3 +231,19 @@ def test_model_slices_follow_the_models_plane(tiny_model_path):
     np.testing.assert_array_equal(view.transfer(known_slices, geometry), known)
     with pytest.raises(ShapeMismatchError, match="grid"):
         model_slices(model, scan, painted[:2])
+
+
+def test_balanced_anchor_weighs_each_class_the_teacher_sees_alike():
+    """Plain: the mean KL over voxels, which a small organ barely moves. Balanced: the mean over the
+    teacher's classes of their mean KL, so losing a small organ costs as much as the background."""
+    teacher = torch.zeros(1, 3, 10, 10)
+    teacher[0, 0] = 5.0  # background everywhere ...
+    teacher[0, :, 0, :2] = torch.tensor([0.0, 5.0, 0.0])[:, None]  # ... but a 2-voxel organ (class 1)
+    student = teacher.clone()
+    student[0, :, 0, :2] = torch.tensor([5.0, 0.0, 0.0])[:, None]  # the student lost the organ
+    where = torch.ones(1, 10, 10, dtype=torch.bool)
+    plain = float(anchor_loss(student, teacher, where))
+    balanced = float(anchor_loss(student, teacher, where, balanced=True))
+    assert balanced == pytest.approx(plain * 100 / 2 / 2, rel=1e-5)  # organ mean, background 0, over 2 classes
+    assert float(anchor_loss(teacher, teacher, where, balanced=True)) == pytest.approx(0.0, abs=1e-6)
+    assert float(anchor_loss(student, teacher, torch.zeros_like(where), balanced=True)) == 0

@@ -26,7 +26,7 @@ from .augment import Augmentation
 from .data import SliceStream, resample_inplane
 
 #: The default recipe (see docs/training.md, "Fine-tuning", and benchmarks/finetune.py).
-DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 1.0}
+DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 1.0, "anchor_balance": False}
 
 
 def icl_modules_for(model: Model) -> ICLModules:
@@ -72,15 +72,16 @@ def partial_seg_loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Te
     return ce + dice
 
 
-def anchor_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per voxel, averaged over the voxels of ``where`` (B, H, W) bool."""
-    m = where.to(logits.dtype)
-    n = m.sum()
-    if n == 0:
-        return logits.sum() * 0
+def anchor_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, where: torch.Tensor,
+                balanced: bool = False) -> torch.Tensor:
+    """KL(teacher || student) per voxel over the voxels of ``where`` (B, H, W) bool: their mean, or
+    with ``balanced`` the mean over classes of the mean over the voxels the teacher gives each class
+    (so a small organ weighs as much as the background around it)."""
     t = teacher_logits.log_softmax(1)
     kl = (t.exp() * (t - logits.log_softmax(1))).sum(1)
-    return (kl * m).sum() / n
+    groups = [where] if not balanced else [where & (teacher_logits.argmax(1) == c) for c in range(logits.shape[1])]
+    terms = [(kl * m).sum() / m.sum() for m in groups if m.any()]
+    return torch.stack(terms).mean() if terms else logits.sum() * 0
 
 
 class Finetuner:
@@ -96,7 +97,8 @@ class Finetuner:
 
     def __init__(self, model: Model, image: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None, *,
                  spacing_mm=None, modality: str | None = None, device=None, method: str = DEFAULTS["method"],
-                 lr: float = DEFAULTS["lr"], anchor: float = DEFAULTS["anchor"], batch_size: int = 4,
+                 lr: float = DEFAULTS["lr"], anchor: float = DEFAULTS["anchor"],
+                 anchor_balance: bool = DEFAULTS["anchor_balance"], batch_size: int = 4,
                  confidence_threshold: float = 0.0, seed: int = 0):
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
@@ -131,7 +133,7 @@ class Finetuner:
             raise ConsistentSegError("nothing painted: correct the segmentation with the brush or eraser "
                                      "(or paint at least one slice) first")
         self.device = pick_device(device)
-        self.method, self.anchor = method, float(anchor)
+        self.method, self.anchor, self.anchor_balance = method, float(anchor), bool(anchor_balance)
         self.painted_slices = [int(z) for z in labeled]
         self.known_voxels = int(known.sum())
         self.model = Model(copy.deepcopy(model.backbone), copy.deepcopy(model.card), None, model.path)
@@ -201,7 +203,7 @@ class Finetuner:
             with torch.no_grad():
                 teacher = self.teacher(torch.cat([images, unlabeled]))
             where = torch.cat([~known, torch.ones_like(known)])
-            terms["anchor"] = anchor_loss(torch.cat([logits_l, logits_u]), teacher, where)
+            terms["anchor"] = anchor_loss(torch.cat([logits_l, logits_u]), teacher, where, self.anchor_balance)
             total = total + self.anchor * terms["anchor"]
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -215,7 +217,8 @@ class Finetuner:
     def finished_model(self) -> Model:
         """The fine-tuned model with a card that records the fine-tune (a copy, safe to save)."""
         card = self.model.card.fine_tuned({  # a copy; its val scores are cleared (no longer measured)
-            "method": self.method, "anchor": self.anchor, "steps": self.steps_done,
+            "method": self.method, "anchor": self.anchor, "anchor_balance": self.anchor_balance,
+            "steps": self.steps_done,
             "painted_slices": self.painted_slices, "known_voxels": self.known_voxels,
             "wall_time_s": round(self.elapsed_s, 1), "from_model": self.model.card.name,
         })

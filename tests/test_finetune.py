@@ -80,7 +80,7 @@ def test_strokes_train_a_copy_anchored_to_the_start(tiny_model_path, method):
     known[2, 10:20, 10:20] = True  # a brush stroke across the boundary
     tuner = Finetuner(model, image, truth, known, method=method, batch_size=2)
     first = tuner.step()
-    assert first["anchor"] == pytest.approx(0.0, abs=1e-6)  # the copy starts where the model is
+    assert first["anchor"] == pytest.approx(0.0, abs=1e-4)  # the copy starts where the model is (bf16: ~1e-5)
     assert ("pse" in first) == (method == "icl")
     tuner.step()
     assert tuner.steps_done == 2 and tuner.painted_slices == [2] and tuner.known_voxels == 100

@@ -9,6 +9,7 @@ a time, so that the caller can show progress, preview, and stop between steps wi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConsistentSegError, InvalidInputError, ShapeMismatchError
-from ..inference import check_cancel, model_view, pick_device, prepare_input
+from ..inference import check_cancel, inference_precision, model_view, pick_device, prepare_input
 from ..io.volume import Volume
 from ..models.modules import EAMModule, ICLModules
 from ..models.store import Model
@@ -165,6 +166,7 @@ class Finetuner:
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_done = 0
         self.elapsed_s = 0.0
+        self.precision = "bfloat16" if inference_precision(self.device) == "bfloat16" else "float32"
 
     def step(self) -> dict:
         """One optimiser step. Returns {"loss", "seg", ...} as floats (the terms in use)."""
@@ -180,6 +182,27 @@ class Finetuner:
         if need_unlabeled:
             unlabeled, _ = self.unlabeled.sample(self.batch_size)
             unlabeled = self.augment(unlabeled, None, self.generator)[0].to(self.device)
+        with self._mixed_precision():
+            total, terms = self._losses(bb, images, known, target, unlabeled)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        bb.eval()
+        self.model.modules.eval()
+        self.steps_done += 1
+        self.elapsed_s += time.monotonic() - start
+        return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+
+    def _mixed_precision(self):
+        """bf16 autocast for the forward passes on a CPU with native bf16 (as inference), else float32:
+        a default round on a 10-slice scan on one thread took 35.6 s in float32 and 22.0 s in bf16,
+        with the same gain (+2.15 / +1.96 Dice points; docs/training.md). The weights, gradients and
+        optimiser stay float32."""
+        if self.precision == "bfloat16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _losses(self, bb, images, known, target, unlabeled):
         terms = {}
         if self.method == "icl":
             self.model.modules.train()
@@ -195,29 +218,23 @@ class Finetuner:
             terms["pse"] = losses.pseudo_label_loss(uscl_u.maps, out_u, logits_u, mask)
             terms["cons"] = losses.map_consistency(uscl_u.maps, sspa_u.maps, mask)
         else:
-            both = bb(images if unlabeled is None else torch.cat([images, unlabeled]))
+            both = bb(images if unlabeled is None else torch.cat([images, unlabeled])).float()
             logits_l, logits_u = both[:len(images)], both[len(images):]
         terms["seg"] = partial_seg_loss(logits_l, target, known)
         total = terms["seg"] + sum(self.weights[name] * terms[name] for name in ("aux", "pse", "cons") if name in terms)
         if self.anchor > 0:
             with torch.no_grad():
-                teacher = self.teacher(torch.cat([images, unlabeled]))
+                teacher = self.teacher(torch.cat([images, unlabeled])).float()
             where = torch.cat([~known, torch.ones_like(known)])
             terms["anchor"] = anchor_loss(torch.cat([logits_l, logits_u]), teacher, where, self.anchor_balance)
             total = total + self.anchor * terms["anchor"]
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
-        bb.eval()
-        self.model.modules.eval()
-        self.steps_done += 1
-        self.elapsed_s += time.monotonic() - start
-        return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+        return total, terms
 
     def finished_model(self) -> Model:
         """The fine-tuned model with a card that records the fine-tune (a copy, safe to save)."""
         card = self.model.card.fine_tuned({  # a copy; its val scores are cleared (no longer measured)
             "method": self.method, "anchor": self.anchor, "anchor_balance": self.anchor_balance,
+            "precision": self.precision,
             "steps": self.steps_done,
             "painted_slices": self.painted_slices, "known_voxels": self.known_voxels,
             "wall_time_s": round(self.elapsed_s, 1), "from_model": self.model.card.name,

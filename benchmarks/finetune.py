@@ -279,6 +279,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--csv", type=Path, help="append one row per round here (rows already there are skipped)")
     p.add_argument("--markdown", type=Path, help="write the summary table here")
+    p.add_argument("--benchmarks-md", type=Path, nargs="?", const=BENCHMARKS_MD,
+                   help="also put the summary in docs/benchmarks.md's fine-tuning section")
     p.add_argument("--timing", action="store_true", help="only time default rounds on a 10-slice acdc scan")
     p.add_argument("--summary-only", action="store_true", help="only summarise the rows of --csv")
     args = p.parse_args(argv)
@@ -288,7 +290,7 @@ def main(argv=None) -> int:
     if args.summary_only:
         with args.csv.open() as f:
             rows = list(csv.DictReader(f))
-        return write_summary(rows, args.markdown)
+        return write_summary(rows, args.markdown, args.benchmarks_md)
     methods = {m: dict(METHODS[m]) for m in args.methods}
     for item in args.set_option:
         key, value = item.split("=", 1)
@@ -330,10 +332,15 @@ def main(argv=None) -> int:
                         if new:
                             writer.writeheader()
                         writer.writerow(row)
-    return write_summary(rows, args.markdown)
+    return write_summary(rows, args.markdown, args.benchmarks_md)
 
 
-def write_summary(rows: list[dict], markdown: Path | None) -> int:
+#: docs/benchmarks.md: the fine-tuning summary goes below accuracy.py's marker (which keeps it).
+BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+KEPT_MARKER = "<!-- sections below: written by other benchmarks, kept by accuracy.py -->"
+
+
+def write_summary(rows: list[dict], markdown: Path | None, benchmarks_md: Path | None = None) -> int:
     if not rows:
         return 0
     table = summarise(rows)
@@ -341,6 +348,15 @@ def write_summary(rows: list[dict], markdown: Path | None) -> int:
     if markdown:
         markdown.write_text(f"{HEADER}\n{table}\n\nPer case: the change of Dice (points) on the unpainted "
                             f"voxels (empty: not run).\n\n{per_case(rows)}\n")
+    if benchmarks_md:
+        text = benchmarks_md.read_text()
+        head = text[:text.index(KEPT_MARKER)] if KEPT_MARKER in text else text.rstrip("\n") + "\n\n"
+        benchmarks_md.write_text(
+            f"{head}{KEPT_MARKER}\n\n## Fine-tuning\n\n`benchmarks/finetune.py` (this section; per case and the "
+            "painting modes: [finetune-benchmark.md](finetune-benchmark.md); the recipe: "
+            "[training.md](training.md#fine-tuning)): one fine-tune round from corrections simulated from the "
+            "expert labels, the change of Dice (points) on the voxels nobody painted, by painting, method and "
+            f"starting Dice.\n\n{table}\n")
     return 0
 
 

@@ -27,7 +27,7 @@ from .augment import Augmentation
 from .data import SliceStream, resample_inplane
 
 #: The default recipe (see docs/training.md, "Fine-tuning", and benchmarks/finetune.py).
-DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 1.0, "anchor_balance": False}
+DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anchor_balance": False}
 
 
 def icl_modules_for(model: Model) -> ICLModules:

@@ -137,6 +137,35 @@ def test_clean_drops_an_open_cavity_above_the_base():
     np.testing.assert_array_equal(cleaned[1:], heart())
 
 
+def _es_heart(base_cavity_r):
+    """End-systole: the wall thickens over a cavity of 2 px from the apex to mid-ventricle, and the
+    basal slices keep a cavity of ``base_cavity_r`` px; the LV's outer edge stays 14 px throughout."""
+    shape, centre = (96, 96), (48, 52)
+    labels = np.zeros((8, *shape), np.uint8)
+    for z in range(8):
+        labels[z][disk(shape, centre, 14)] = MYO
+        labels[z][disk(shape, centre, base_cavity_r if z < 3 else 2)] = LV
+    return labels
+
+
+def test_clean_keeps_the_wide_basal_cavity_of_an_end_systolic_frame():
+    """The basal cavity is many times the collapsed mid one, but the LV itself does not widen:
+    no atrium, every slice kept (acdc patient030 ES lost its base this way after a fine-tune)."""
+    labels = _es_heart(base_cavity_r=7)
+    np.testing.assert_array_equal(clean_cardiac_labels(labels, SPACING), labels)
+
+
+def test_clean_drops_a_closed_atrium_where_the_whole_lv_widens_above_the_base():
+    labels = heart()
+    atrium = np.zeros((1, *labels.shape[1:]), np.uint8)
+    atrium[0][disk(labels.shape[1:], (48, 52), 26)] = MYO  # a ring twice as wide as the base
+    atrium[0][disk(labels.shape[1:], (48, 52), 22)] = LV
+    labels = np.concatenate([atrium, labels])
+    cleaned = clean_cardiac_labels(labels, SPACING)
+    assert not np.isin(cleaned[0], (MYO, LV)).any()
+    np.testing.assert_array_equal(cleaned[1:], heart())
+
+
 def test_clean_handles_empty_volumes_and_unknown_spacing():
     empty = np.zeros((4, 16, 16), np.uint8)
     np.testing.assert_array_equal(clean_cardiac_labels(empty), empty)

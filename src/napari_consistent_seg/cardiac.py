@@ -264,8 +264,10 @@ def clean_cardiac_labels(
        ``min_ring_cover`` surrounded by myocardium (an atrium above the base, or a guess past the
        apex) are dropped from the run. Walking from the middle of the run to its base (the end
        of larger cavity), the run ends before the first slice whose cavity is more than
-       ``max_base_growth`` times the widest one before it: the LV widens smoothly toward the
-       base, an atrium the model takes for LV does not.
+       ``max_base_growth`` times the widest one before it and whose whole LV (myocardium and
+       cavity) is more than ``AREA_GROWTH`` times the widest before it: the LV widens smoothly
+       toward the base, an atrium the model takes for LV does not. (The cavity alone is no guide
+       at end-systole, when the mid cavity shrinks to a few pixels under a thick wall.)
     2. In each kept slice, the myocardium ring is closed over small gaps and everything it encloses
        becomes LV cavity.
     3. RV pieces are kept only within ``rv_reach_mm`` of the kept LV, on the run's slices.
@@ -382,17 +384,23 @@ def _trim_open_ends(chain: dict[int, int], pieces, labels, classes: CardiacLabel
     return chain
 
 
+#: how much wider than any slice before it the whole LV must be, with its cavity, to mark an atrium
+AREA_GROWTH = 1.5
+
+
 def _cut_base_jump(chain: dict[int, int], pieces, labels, classes: CardiacLabels, max_growth: float) -> dict:
     """The run without the slices from the first sudden widening of the cavity toward the base."""
     if len(chain) < 3:
         return chain
     ordered = sorted(chain)
     cavity = [int(np.count_nonzero(pieces[z][chain[z]][2] & (labels[z] == classes.lv))) for z in ordered]
+    area = [int(np.count_nonzero(pieces[z][chain[z]][2])) for z in ordered]
     if cavity[0] > cavity[-1]:  # walk toward the base: reverse so that the base is last
-        ordered, cavity = ordered[::-1], cavity[::-1]
+        ordered, cavity, area = ordered[::-1], cavity[::-1], area[::-1]
     for i in range(len(ordered) // 2 + 1, len(ordered)):
-        # against the widest cavity so far: one slice the model under-segments is no reference
-        if cavity[i] > max_growth * max(max(cavity[:i]), 1):
+        # against the widest so far: one slice the model under-segments is no reference
+        if (cavity[i] > max_growth * max(max(cavity[:i]), 1)
+                and area[i] > AREA_GROWTH * max(max(area[:i]), 1)):
             return {z: chain[z] for z in ordered[:i]}
     return chain
 

@@ -71,9 +71,11 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   300 voxels a slice, right voxels under the brush included; nothing else is known.
 - **default**: the shipped recipe (supervised loss on the known voxels + anchor to the starting
   model with weight 3, 60 steps; bf16 forward passes on this CPU); **anchor-1**: the same with the
-  anchor weight 1 (the default until 2026-11-30). Both were run on 2026-11-30 on today's pipeline
-  (the cardiac clean-up, bf16 inference), every val case of every set, one torch thread each, two
-  rounds at a time on the 2-core CPU.
+  anchor weight 1 (the default until 2026-11-30). Both were run on 2026-11-30 (bf16 inference),
+  every val case of every set, one torch thread each, two rounds at a time on the 2-core CPU. The
+  default's cardiac rows were run again after the cardiac clean-up's base rule was fixed (it cut
+  the base of end-systolic frames); the anchor-1 rows were not, so acdc patient030_frame02 shows
+  that bug there (-37.8 / -24.5) and the default's rows do not.
 - **icl (11-29)** and **supervised (11-29)**: the former ICL fine-tuner (ICL's unlabeled terms, no
   anchor) and supervised-only fine-tuning, from the earlier run on fewer cases, on the pipeline of
   2026-11-29 (some of its cardiac rows before the cardiac clean-up): compare them with each other,

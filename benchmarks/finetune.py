@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from accuracy import KEPT_MARKER  # benchmarks/ is this script's folder: accuracy.py owns the marker
 from napari_consistent_seg.inference import predict_volume
 from napari_consistent_seg.io import load_volume
 from napari_consistent_seg.models.store import load_model
@@ -242,7 +243,7 @@ def time_default_round(threads: int, repeats: int = 2) -> int:
 
 def per_case(rows: list[dict]) -> str:
     """Markdown: one line per case and painting, the Dice change of each method."""
-    methods = sorted({r["method"] for r in rows}, key=lambda m: list(METHODS).index(m) if m in METHODS else 99)
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (list(METHODS).index(m) if m in METHODS else 99, m))
     out = ["| set | case | painting | known voxels | start Dice | " + " | ".join(methods) + " |",
            "|---|---|---|---|---|" + "---|" * len(methods)]
     keys = []
@@ -348,7 +349,6 @@ def main(argv=None) -> int:
 
 #: docs/benchmarks.md: the fine-tuning summary goes below accuracy.py's marker (which keeps it).
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-KEPT_MARKER = "<!-- sections below: written by other benchmarks, kept by accuracy.py -->"
 
 
 def write_summary(rows: list[dict], markdown: Path | None, benchmarks_md: Path | None = None) -> int:

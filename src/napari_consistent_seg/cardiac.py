@@ -250,6 +250,7 @@ def clean_cardiac_labels(
     min_area_mm2: float = 20.0,
     min_ring_cover: float = 0.5,
     max_base_growth: float = 2.0,
+    max_base_area_growth: float = 1.5,
 ) -> np.ndarray:
     """Keep the one heart of a short-axis label volume and mend what breaks function figures.
 
@@ -265,7 +266,7 @@ def clean_cardiac_labels(
        apex) are dropped from the run. Walking from the middle of the run to its base (the end
        of larger cavity), the run ends before the first slice whose cavity is more than
        ``max_base_growth`` times the widest one before it and whose whole LV (myocardium and
-       cavity) is more than ``AREA_GROWTH`` times the widest before it: the LV widens smoothly
+       cavity) is more than ``max_base_area_growth`` times the widest before it: the LV widens smoothly
        toward the base, an atrium the model takes for LV does not. (The cavity alone is no guide
        at end-systole, when the mid cavity shrinks to a few pixels under a thick wall.)
     2. In each kept slice, the myocardium ring is closed over small gaps and everything it encloses
@@ -283,7 +284,7 @@ def clean_cardiac_labels(
         is_lv = is_lv | (labels == myo_value)
     pieces = [_pieces(is_lv[z], pixel_mm, min_area_mm2) for z in range(labels.shape[0])]
     chain = _trim_open_ends(_heart_chain(pieces, max_shift_mm), pieces, labels, classes, min_ring_cover)
-    chain = _cut_base_jump(chain, pieces, labels, classes, max_base_growth)
+    chain = _cut_base_jump(chain, pieces, labels, classes, max_base_growth, max_base_area_growth)
     out = labels.copy()
     lv_classes = [v for v in (lv_value, myo_value) if v is not None]
     out[np.isin(out, lv_classes)] = 0
@@ -384,12 +385,10 @@ def _trim_open_ends(chain: dict[int, int], pieces, labels, classes: CardiacLabel
     return chain
 
 
-#: how much wider than any slice before it the whole LV must be, with its cavity, to mark an atrium
-AREA_GROWTH = 1.5
-
-
-def _cut_base_jump(chain: dict[int, int], pieces, labels, classes: CardiacLabels, max_growth: float) -> dict:
-    """The run without the slices from the first sudden widening of the cavity toward the base."""
+def _cut_base_jump(chain: dict[int, int], pieces, labels, classes: CardiacLabels, max_growth: float,
+                   max_area_growth: float) -> dict:
+    """The run without the slices from the first sudden widening of the cavity, and of the whole LV,
+    toward the base."""
     if len(chain) < 3:
         return chain
     ordered = sorted(chain)
@@ -400,7 +399,7 @@ def _cut_base_jump(chain: dict[int, int], pieces, labels, classes: CardiacLabels
     for i in range(len(ordered) // 2 + 1, len(ordered)):
         # against the widest so far: one slice the model under-segments is no reference
         if (cavity[i] > max_growth * max(max(cavity[:i]), 1)
-                and area[i] > AREA_GROWTH * max(max(area[:i]), 1)):
+                and area[i] > max_area_growth * max(max(area[:i]), 1)):
             return {z: chain[z] for z in ordered[:i]}
     return chain
 

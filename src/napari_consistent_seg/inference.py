@@ -371,7 +371,7 @@ def bilinear_argmax(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     that pixel takes the corners' label; only pixels whose corners disagree (the few along label
     boundaries) are interpolated, class by class, and argmaxed.
     """
-    b, k, h, w = probs.shape
+    h, w = probs.shape[2:]
     low = _argmax_labels(probs)  # (B, h, w)
     y0, y1, wy0, wy1 = _linear_taps(h, size[0], probs.device)
     x0, x1, wx0, wx1 = _linear_taps(w, size[1], probs.device)

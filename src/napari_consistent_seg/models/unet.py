@@ -3,7 +3,7 @@
 The network is MONAI's ``monai.networks.nets.UNet`` (residual units, instance norm, PReLU, strided
 convolutions down, transposed convolutions up), rebuilt here from plain torch modules with the same
 module tree, so its state dict is MONAI's key for key and its outputs are MONAI's
-(tests/test_unet.py checks both against MONAI itself). Why not import it: ``import monai`` loads all
+(tests/test_models.py checks both against MONAI itself). Why not import it: ``import monai`` loads all
 of MONAI's subpackages (pandas, matplotlib, scipy.signal...) and took 4.5 s of a 20 s
 ``consistent-seg predict`` on our 2-core CPU; segmenting needs only these few layers, so inference
 runs without importing MONAI at all (training still uses MONAI's losses and metrics).

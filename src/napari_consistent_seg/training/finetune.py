@@ -267,8 +267,8 @@ def model_slices(model: Model, volume: Volume, *arrays):
     in the plane the model slices in (`inference.model_view`: the acquisition plane of a cardiac
     cine, the axial plane of an abdominal scan whatever its acquisition), the phases of a cine one
     after another. Returns (stacks, spacing_mm of those slices) - what `Finetuner` takes."""
-    phase = volume if volume.n_phases is None else volume.phase(0)
-    view = model_view(model, phase)
+    first = volume if volume.n_phases is None else volume.phase(0)  # every phase lies on its grid
+    view = model_view(model, first)
     stacks = []
     for array in arrays:
         if array is None:
@@ -278,8 +278,8 @@ def model_slices(model: Model, volume: Volume, *arrays):
         if array.shape != volume.shape:
             raise ShapeMismatchError(f"an array of shape {array.shape} is not on the scan's grid {volume.shape}: "
                                      "save the corrections on the image's grid (e.g. from napari's Labels layer)")
-        phases = [array] if volume.n_phases is None else list(array)
-        stacks.append(np.concatenate([phase.geometry.transfer(a, view) for a in phases]))
+        per_phase = [array] if volume.n_phases is None else list(array)
+        stacks.append(np.concatenate([first.geometry.transfer(a, view) for a in per_phase]))
     return stacks, view.spacing_mm
 
 

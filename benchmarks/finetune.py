@@ -212,7 +212,7 @@ def run_round(model, case: Case, labels, known, options: dict, seconds: float | 
             break
     tuned_s = time.monotonic() - started
     pred = predict_volume(tuner.model, case.image, spacing_mm=case.spacing_mm, modality=case.modality,
-                          device="cpu").labels
+                          device="cpu", corrections=(labels, known)).labels  # as the widget and the CLI
     return pred, tuned_s, tuner.steps_done
 
 

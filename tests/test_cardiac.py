@@ -166,6 +166,29 @@ def test_clean_drops_a_closed_atrium_where_the_whole_lv_widens_above_the_base():
     np.testing.assert_array_equal(cleaned[1:], heart())
 
 
+@pytest.mark.parametrize("closed", [False, True])
+def test_clean_keeps_a_slice_the_user_labeled_lv_on(closed):
+    """An open cavity (or a closed ring twice as wide) above the base is dropped as an atrium, unless
+    the user labeled LV there (sunnybrook ES: strokes on the apex and base slices, then the
+    fine-tuned model's thin wall there made the clean-up drop the very slices the user corrected)."""
+    labels = heart()
+    top = np.zeros((1, *labels.shape[1:]), np.uint8)
+    if closed:
+        top[0][disk(labels.shape[1:], (48, 52), 26)] = MYO
+        top[0][disk(labels.shape[1:], (48, 52), 22)] = LV
+    else:
+        top[0][disk(labels.shape[1:], (48, 52), 14)] = LV
+        top[0][disk(labels.shape[1:], (48, 36), 4)] = MYO  # a sliver of wall on its edge
+    labels = np.concatenate([top, labels])
+    assert not np.isin(clean_cardiac_labels(labels, SPACING)[0], (MYO, LV)).any()
+    kept = clean_cardiac_labels(labels, SPACING, keep_slices=[0])
+    np.testing.assert_array_equal(kept[0] == LV, labels[0] == LV)
+    assert (kept[0] == MYO)[labels[0] == MYO].all()  # its wall kept (a small gap in it may be closed)
+    np.testing.assert_array_equal(kept[1:], labels[1:])
+    np.testing.assert_array_equal(clean_cardiac_labels(labels, SPACING, keep_slices=[3]),
+                                  clean_cardiac_labels(labels, SPACING))  # elsewhere: no effect
+
+
 def test_clean_handles_empty_volumes_and_unknown_spacing():
     empty = np.zeros((4, 16, 16), np.uint8)
     np.testing.assert_array_equal(clean_cardiac_labels(empty), empty)

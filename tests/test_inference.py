@@ -295,3 +295,38 @@ def test_precision_follows_the_device_and_the_environment(monkeypatch):
     monkeypatch.setenv(PRECISION_ENV, "half")
     with pytest.raises(ConsistentSegError, match="auto or float32"):
         inference_precision(torch.device("cpu"))
+
+
+def test_corrections_win_and_keep_their_lv_slices_through_the_cardiac_clean_up(models):
+    """What a fine-tune's Accept runs: the user's voxels replace the prediction, and the cardiac
+    clean-up does not drop a slice where the user labeled LV (as it drops an atrium above the base)."""
+    from napari_consistent_seg.inference import post_process, segment
+    from napari_consistent_seg.io.volume import Geometry, Volume
+
+    cardiac = load_model("cardiac-cine-mri", with_modules=False)
+    yy, xx = np.mgrid[:64, :64]
+    labels = np.zeros((6, 64, 64), np.uint8)
+    for z in range(1, 6):
+        labels[z][(yy - 32) ** 2 + (xx - 32) ** 2 <= 14 ** 2] = 2
+        labels[z][(yy - 32) ** 2 + (xx - 32) ** 2 <= 8 ** 2] = 3
+    labels[0][(yy - 32) ** 2 + (xx - 32) ** 2 <= 12 ** 2] = 3  # a cavity with no wall: an atrium
+    spacing = (8.0, 1.5, 1.5)
+    assert not (post_process(cardiac, labels, None, spacing)[0] == 3).any()
+    painted, known = np.zeros_like(labels), np.zeros(labels.shape, bool)
+    known[0, 30:34, 30:34] = True
+    painted[known] = 3
+    kept = post_process(cardiac, labels, None, spacing, corrections=(painted, known))
+    assert (kept[0] == 3).sum() == (labels[0] == 3).sum()
+    painted[known] = 0  # the user erased there: nothing to keep
+    assert not (post_process(cardiac, labels, None, spacing, corrections=(painted, known))[0] == 3).any()
+
+    data = _volume((5, 40, 40))
+    volume = Volume(data, Geometry.from_spacing((4.0, 1.5, 1.5), data.shape), name="scan", modality="MR")
+    plain = segment(models["mr"], volume).data
+    fixes, where = np.zeros_like(plain), np.zeros(plain.shape, bool)
+    where[2, 10:20, 10:20] = True
+    fixes[where] = (plain[where] + 1) % models["mr"].backbone.out_channels
+    corrected = segment(models["mr"], volume, corrections=(fixes, where)).data
+    np.testing.assert_array_equal(corrected, np.where(where, fixes, plain))
+    with pytest.raises(ShapeMismatchError, match="grid"):
+        segment(models["mr"], volume, corrections=(fixes[:2], where[:2]))

@@ -251,6 +251,7 @@ def clean_cardiac_labels(
     min_ring_cover: float = 0.5,
     max_base_growth: float = 2.0,
     max_base_area_growth: float = 1.5,
+    keep_slices=(),
 ) -> np.ndarray:
     """Keep the one heart of a short-axis label volume and mend what breaks function figures.
 
@@ -273,6 +274,10 @@ def clean_cardiac_labels(
        becomes LV cavity.
     3. RV pieces are kept only within ``rv_reach_mm`` of the kept LV, on the run's slices.
     4. A skipped (empty) slice inside the run is filled by interpolating its two neighbours.
+
+    ``keep_slices``: slice indices where the user labeled LV (myocardium or cavity), e.g. strokes
+    before a fine-tune: the end rules of step 1 never drop them from the run, nor the slices
+    between them. The user's word outranks the atrium and apex guesses.
     """
     labels = np.asarray(labels)
     if labels.ndim != 3:
@@ -283,8 +288,9 @@ def clean_cardiac_labels(
     if myo_value is not None:
         is_lv = is_lv | (labels == myo_value)
     pieces = [_pieces(is_lv[z], pixel_mm, min_area_mm2) for z in range(labels.shape[0])]
-    chain = _trim_open_ends(_heart_chain(pieces, max_shift_mm), pieces, labels, classes, min_ring_cover)
-    chain = _cut_base_jump(chain, pieces, labels, classes, max_base_growth, max_base_area_growth)
+    keep = {int(z) for z in keep_slices}
+    chain = _trim_open_ends(_heart_chain(pieces, max_shift_mm), pieces, labels, classes, min_ring_cover, keep)
+    chain = _cut_base_jump(chain, pieces, labels, classes, max_base_growth, max_base_area_growth, keep)
     out = labels.copy()
     lv_classes = [v for v in (lv_value, myo_value) if v is not None]
     out[np.isin(out, lv_classes)] = 0
@@ -367,12 +373,15 @@ def ring_cover(slice_labels: np.ndarray, lv_value: int = 3, myo_value: int | Non
     return float(np.mean(slice_labels[rim] == myo_value)) if rim.any() else 1.0
 
 
-def _trim_open_ends(chain: dict[int, int], pieces, labels, classes: CardiacLabels, min_cover: float) -> dict:
+def _trim_open_ends(chain: dict[int, int], pieces, labels, classes: CardiacLabels, min_cover: float,
+                    keep=frozenset()) -> dict:
     """Drop end slices of the run (from either end, while more than two remain) whose cavity the
-    myocardium does not enclose."""
+    myocardium does not enclose; an end in ``keep`` stops the trimming from its side."""
     chain = dict(chain)
 
     def open_ring(z):
+        if z in keep:
+            return False
         piece = np.where(pieces[z][chain[z]][2], labels[z], 0)
         cover = ring_cover(piece, classes.lv, classes.myo)
         return cover is None or cover < min_cover
@@ -386,9 +395,9 @@ def _trim_open_ends(chain: dict[int, int], pieces, labels, classes: CardiacLabel
 
 
 def _cut_base_jump(chain: dict[int, int], pieces, labels, classes: CardiacLabels, max_growth: float,
-                   max_area_growth: float) -> dict:
+                   max_area_growth: float, keep=frozenset()) -> dict:
     """The run without the slices from the first sudden widening of the cavity, and of the whole LV,
-    toward the base."""
+    toward the base, past the last slice in ``keep``."""
     if len(chain) < 3:
         return chain
     ordered = sorted(chain)
@@ -396,7 +405,8 @@ def _cut_base_jump(chain: dict[int, int], pieces, labels, classes: CardiacLabels
     area = [int(np.count_nonzero(pieces[z][chain[z]][2])) for z in ordered]
     if cavity[0] > cavity[-1]:  # walk toward the base: reverse so that the base is last
         ordered, cavity, area = ordered[::-1], cavity[::-1], area[::-1]
-    for i in range(len(ordered) // 2 + 1, len(ordered)):
+    kept = [i for i, z in enumerate(ordered) if z in keep]
+    for i in range(max([len(ordered) // 2, *kept]) + 1, len(ordered)):
         # against the widest so far: one slice the model under-segments is no reference
         if (cavity[i] > max_growth * max(max(cavity[:i]), 1)
                 and area[i] > max_area_growth * max(max(area[:i]), 1)):

@@ -128,7 +128,7 @@ def cmd_finetune(args) -> int:
     from .inference import segment
     from .io import load_volume, save_nifti
     from .models.store import load_model, save_model
-    from .training.finetune import finetune, merge_corrections, model_slices, whole_slice_known
+    from .training.finetune import finetune, model_slices, whole_slice_known
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,8 +152,8 @@ def cmd_finetune(args) -> int:
     for warning in tuner.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     tuned = tuner.finished_model()
-    prediction = segment(tuned, volume, device=args.device).data  # every phase, on the scan's own grid
-    merged = merge_corrections(prediction, painted.astype(prediction.dtype), known)
+    # every phase, on the scan's own grid; the painted voxels win, and the clean-up keeps their slices
+    merged = segment(tuned, volume, device=args.device, corrections=(painted, known)).data
     outdir = Path(args.output)
     outdir.mkdir(parents=True, exist_ok=True)
     target = save_nifti(merged, volume.geometry, outdir / f"{_nifti_stem(Path(args.image))}.nii.gz", is_label=True)

@@ -449,7 +449,7 @@ def _sliding_window_3d(model: Model, prepared: PreparedScan, device, overlap, pr
 # ---- stage 3: post-process -----------------------------------------------------------------------
 
 def post_process(model: Model, labels: np.ndarray, keep_largest: bool | None = None,
-                 spacing_mm=None) -> np.ndarray:
+                 spacing_mm=None, corrections=None) -> np.ndarray:
     """Stage 3: the card's post-processing of (Z, Y, X) labels, axis 0 the model's slicing axis.
 
     Cards with ``postprocessing.cardiac`` get the cardiac clean-up (one heart, closed myocardium,
@@ -457,13 +457,21 @@ def post_process(model: Model, labels: np.ndarray, keep_largest: bool | None = N
     each class's largest component when ``keep_largest_component`` says so. ``keep_largest``:
     None = as the card says; False = none; True = the card's clean-up, else the largest component.
     ``spacing_mm``: (z, y, x) of ``labels``, or None when the scan does not know it.
+    ``corrections``: the user's (labels, known) on the same grid; the cardiac clean-up keeps the
+    slices where the user labeled LV (`clean_cardiac_labels`' ``keep_slices``).
     """
     if keep_largest is False:
         return labels
     if model.card.cardiac_cleanup:
         from .cardiac import CardiacLabels, clean_cardiac_labels
 
-        return clean_cardiac_labels(labels, spacing_mm, classes=CardiacLabels.from_classes(model.classes))
+        classes = CardiacLabels.from_classes(model.classes)
+        keep = ()
+        if corrections is not None:
+            painted, known = corrections
+            lv = np.asarray(known, bool) & np.isin(painted, [v for v in (classes.lv, classes.myo) if v is not None])
+            keep = np.flatnonzero(lv.reshape(len(lv), -1).any(1))
+        return clean_cardiac_labels(labels, spacing_mm, classes=classes, keep_slices=keep)
     if keep_largest is None:
         keep_largest = bool(model.card.keep_largest_component)
     return keep_largest_components(labels) if keep_largest else labels
@@ -539,6 +547,7 @@ def segment(
     batch_size: int = 8,
     keep_largest: bool | None = None,
     return_probabilities: bool = False,
+    corrections=None,
     progress: Progress | None = None,
     cancel=None,
 ) -> Volume:
@@ -548,7 +557,9 @@ def segment(
     prepare -> infer -> post_process -> restore, phase by phase. ``phases``: for a cine, segment
     only these phases (the others stay 0); None = all. ``return_probabilities``:
     ``meta["probabilities"]`` holds (K, [T,] Z, Y, X) float16. Warnings (modality, spacing) are in
-    ``meta["warnings"]``. Progress counts slices over all phases.
+    ``meta["warnings"]``. Progress counts slices over all phases. ``corrections``: the user's
+    (labels, known) on the volume's grid (a fine-tune's painted voxels): they replace the prediction
+    where known, and the post-processing does not remove what the user labeled.
     """
     _check_model(model)
     if not isinstance(volume, Volume):
@@ -565,6 +576,7 @@ def segment(
     for index, t in enumerate(chosen):
         prepared = prepare(model, volume if t is None else volume.phase(t))
         n_slices = prepared.data.shape[0]
+        fixes = None if corrections is None else _phase_corrections(volume, corrections, t)
 
         def phase_progress(done, total, offset=index * n_slices, n=n_slices):
             if progress is not None:
@@ -572,7 +584,10 @@ def segment(
 
         inferred = infer(model, prepared, device=device, batch_size=batch_size,
                          return_probabilities=return_probabilities, progress=phase_progress, cancel=cancel)
-        result = restore(prepared, post_process(model, inferred.labels, keep_largest, _known_spacing(prepared)))
+        in_view = None if fixes is None else [prepared.source.transfer(a, prepared.view) for a in fixes]
+        result = restore(prepared, post_process(model, inferred.labels, keep_largest, _known_spacing(prepared), in_view))
+        if fixes is not None:
+            result = np.where(fixes[1], fixes[0], result).astype(np.uint8)
         if t is None:
             labels[...] = result
         else:
@@ -597,6 +612,15 @@ def segment(
     if probabilities is not None:
         meta["probabilities"] = probabilities
     return volume.with_data(labels, name=f"{volume.name} labels", is_label=True, meta=meta)
+
+
+def _phase_corrections(volume: Volume, corrections, t) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, known) of ``corrections`` for phase ``t`` (None: a 3D scan), checked against the grid."""
+    painted, known = (np.asarray(a) for a in corrections)
+    if painted.shape != volume.shape or known.shape != volume.shape:
+        raise ShapeMismatchError(f"corrections of shape {painted.shape} / {known.shape} do not lie on the "
+                                 f"scan's grid {volume.shape}")
+    return (painted, known.astype(bool)) if t is None else (painted[t], known[t].astype(bool))
 
 
 @dataclass
@@ -632,6 +656,7 @@ def predict_volume(
     return_probabilities: bool = False,
     keep_largest: bool | None = None,
     slices=None,
+    corrections=None,
     progress: Progress | None = None,
     cancel=None,
 ) -> Prediction:
@@ -642,7 +667,8 @@ def predict_volume(
     ``keep_largest``: keep each class's largest connected component only (None: as the model
     card says). ``slices`` (2D models): segment only these z indices, normalised as the whole
     volume (a preview matches the full result, less the post-processing, which needs the whole
-    volume); labels are then (len(slices), Y, X).
+    volume); labels are then (len(slices), Y, X). ``corrections``: (labels, known) on the input
+    grid, as :func:`segment`'s.
     """
     prepared, single = _prepare_slices(model, data, spacing_mm, modality)
     if slices is not None:
@@ -657,7 +683,9 @@ def predict_volume(
                      return_probabilities=return_probabilities, progress=progress, cancel=cancel)
     labels, probs = inferred.labels, inferred.probabilities
     if slices is None:
-        labels = post_process(model, labels, keep_largest, prepared.spacing_mm)
+        labels = post_process(model, labels, keep_largest, prepared.spacing_mm, corrections)
+        if corrections is not None:
+            labels = np.where(np.asarray(corrections[1], bool), corrections[0], labels).astype(labels.dtype)
     if single:
         labels, probs = labels[0], None if probs is None else probs[:, 0]
     return Prediction(labels, probs, prepared.modality, prepared.warnings)

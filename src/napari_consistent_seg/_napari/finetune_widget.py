@@ -196,7 +196,8 @@ class FinetuneWidget(QWidget):
         method = self.method.currentText()
         self._preview_z[0] = current_slice(self.viewer, layer)
         session = {"model_choice": model_choice, "volume": volume, "modality": modality, "device": device,
-                   "grid": grid_kwargs(layer), "image_name": layer.name, "layer": painted_layer}
+                   "grid": grid_kwargs(layer), "image_name": layer.name, "layer": painted_layer,
+                   "corrections": (labels, known)}
 
         def task(progress, cancel):
             model = start_model or load_model(model_choice, device="cpu")
@@ -217,7 +218,7 @@ class FinetuneWidget(QWidget):
                         shown = predict_volume(tuner.model, volume.data, spacing_mm=volume.spacing_mm,
                                                modality=modality, device=device, slices=[z]).labels[0]
                     else:  # the shown slice cuts every slice of the model's plane: the whole scan
-                        shown = segment(tuner.model, volume, device=device).data[z]
+                        shown = segment(tuner.model, volume, device=device, corrections=(labels, known)).data[z]
                     preview = z, shown
                 yield "step", (step, steps, float(stats["loss"]), tuner.elapsed_s, budget_s, preview)
                 if budget_s and tuner.elapsed_s >= budget_s:
@@ -310,7 +311,8 @@ class FinetuneWidget(QWidget):
         model = self.tuner.model
 
         def task(progress, cancel):
-            return segment(model, s["volume"], device=s["device"], progress=progress, cancel=cancel).data
+            return segment(model, s["volume"], device=s["device"], corrections=s["corrections"], progress=progress,
+                           cancel=cancel).data
 
         def write(prediction):
             known = self.known_of(layer)  # read now: corrections made while it ran win too

@@ -274,8 +274,12 @@ def inplane_size(shape_yx, spacing_mm, target_yx) -> tuple[int, int] | None:
 # ---- stage 2: infer ------------------------------------------------------------------------------
 
 def _slice_batches(prepared: PreparedScan, batch_size: int, device, cancel):
-    """Yield (start, stop, x): x (B, 1, h, w) float32 on ``device``, normalised, at the model's size."""
+    """Yield (start, stop, x): x (B, 1, h, w) float32 on ``device``, normalised, at the model's size.
+
+    Batches of at most ``batch_size`` slices, as even as can be: a 10-slice cine phase runs as two
+    batches of 5, not 8 + 2 (104 against 113 ms on our CPU; docs/inference.md)."""
     z = prepared.data.shape[0]
+    batch_size = max(1, math.ceil(z / max(1, math.ceil(z / max(1, batch_size)))))
     for start in range(0, z, batch_size):
         check_cancel(cancel)
         stop = min(start + batch_size, z)

@@ -74,12 +74,15 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   model with weight 3, 60 steps; bf16 forward passes on this CPU); **anchor-1**: the same with the
   anchor weight 1 (the default until 2026-11-30). Both were run on 2026-11-30 (bf16 inference),
   every val case of every set, one torch thread each, two rounds at a time on the 2-core CPU. The
-  default's cardiac rows were run again after the cardiac clean-up's base rule was fixed (it cut
-  the base of end-systolic frames); the anchor-1 rows were not, so acdc patient030_frame02 shows
-  that bug there (-37.8 / -24.5) and the default's rows do not.
+  default's cardiac rows were run again after two clean-up changes: the base rule was fixed (it cut
+  the base of end-systolic frames), and a fine-tune's result keeps the slices the user labeled LV
+  on (`segment(..., corrections=...)`, as the widget's Accept and the CLI; it is what each round
+  scores). The anchor-1 rows were run before both, so acdc patient030_frame02 shows the first bug
+  there (-37.8 / -24.5) and the default's rows do not.
 - **icl**: the former ICL fine-tuner (ICL's unlabeled terms on the other slices, no anchor);
   **supervised**: supervised loss on the known voxels only, no anchor. Both run on 2026-11-30 after
-  the clean-up fix, on the 20 rounds that start below 85 % (10 scans, both paintings).
+  both clean-up changes (the btcv rows after the first), on the 20 rounds that start below 85 %
+  (10 scans, both paintings).
 - **icl (11-29)** and **supervised (11-29)**: the former ICL fine-tuner (ICL's unlabeled terms, no
   anchor) and supervised-only fine-tuning, from the earlier run on fewer cases, on the pipeline of
   2026-11-29 (some of its cardiac rows before the cardiac clean-up): compare them with each other,

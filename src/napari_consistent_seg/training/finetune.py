@@ -182,8 +182,7 @@ class Finetuner:
         if need_unlabeled:
             unlabeled, _ = self.unlabeled.sample(self.batch_size)
             unlabeled = self.augment(unlabeled, None, self.generator)[0].to(self.device)
-        with self._mixed_precision():
-            total, terms = self._losses(bb, images, known, target, unlabeled)
+        total, terms = self._losses(bb, images, known, target, unlabeled)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
@@ -196,8 +195,8 @@ class Finetuner:
     def _mixed_precision(self):
         """bf16 autocast for the forward passes on a CPU with native bf16 (as inference), else float32:
         a default round on a 10-slice scan on one thread took 35.6 s in float32 and 22.0 s in bf16,
-        with the same gain (+2.15 / +1.96 Dice points; docs/training.md). The weights, gradients and
-        optimiser stay float32."""
+        with the same gain (+2.15 / +1.96 Dice points; docs/training.md). The losses, weights,
+        gradients and optimiser stay float32."""
         if self.precision == "bfloat16":
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -206,25 +205,31 @@ class Finetuner:
         terms = {}
         if self.method == "icl":
             self.model.modules.train()
-            out_l = bb(images, return_features=True)
-            out_u = bb(unlabeled, return_features=True)
-            logits_l, logits_u = out_l.logits, out_u.logits
-            sspa_l = self.model.modules.attend(out_l.features)
-            sspa_u = self.model.modules.attend(out_u.features)
-            uscl_u = self.model.modules.consistent(out_u.features, sspa_l.proxies())
+            with self._mixed_precision():  # forward passes only: the losses below run in float32
+                out_l = bb(images, return_features=True)
+                out_u = bb(unlabeled, return_features=True)
+                sspa_l = self.model.modules.attend(out_l.features)
+                sspa_u = self.model.modules.attend(out_u.features)
+                uscl_u = self.model.modules.consistent(out_u.features, sspa_l.proxies())
+            logits_l, logits_u = out_l.logits.float(), out_u.logits.float()
+            maps_l, maps_u = [m.float() for m in sspa_l.maps], [m.float() for m in sspa_u.maps]
+            consistent_u = [m.float() for m in uscl_u.maps]
             mask = losses.confidence_mask(logits_u, self.confidence_threshold)
             terms["aux"] = torch.stack([partial_seg_loss(out_l.to_input_grid(m), target, known)
-                                        for m in sspa_l.maps]).mean()
-            terms["pse"] = losses.pseudo_label_loss(uscl_u.maps, out_u, logits_u, mask)
-            terms["cons"] = losses.map_consistency(uscl_u.maps, sspa_u.maps, mask)
+                                        for m in maps_l]).mean()
+            terms["pse"] = losses.pseudo_label_loss(consistent_u, out_u, logits_u, mask)
+            terms["cons"] = losses.map_consistency(consistent_u, maps_u, mask)
         else:
-            both = bb(images if unlabeled is None else torch.cat([images, unlabeled])).float()
+            with self._mixed_precision():
+                both = bb(images if unlabeled is None else torch.cat([images, unlabeled]))
+            both = both.float()
             logits_l, logits_u = both[:len(images)], both[len(images):]
         terms["seg"] = partial_seg_loss(logits_l, target, known)
         total = terms["seg"] + sum(self.weights[name] * terms[name] for name in ("aux", "pse", "cons") if name in terms)
         if self.anchor > 0:
-            with torch.no_grad():
-                teacher = self.teacher(torch.cat([images, unlabeled])).float()
+            with torch.no_grad(), self._mixed_precision():
+                teacher = self.teacher(torch.cat([images, unlabeled]))
+            teacher = teacher.float()
             where = torch.cat([~known, torch.ones_like(known)])
             terms["anchor"] = anchor_loss(torch.cat([logits_l, logits_u]), teacher, where, self.anchor_balance)
             total = total + self.anchor * terms["anchor"]

@@ -101,9 +101,25 @@ def inference_threads() -> int:
     return max(1, min(threads, math.ceil(cores - _busy_cores())))
 
 
+_BUSY_READ: list = [-1e9, 0.0]  # (time.monotonic() of the last reading, its value)
+BUSY_READING_HOLDS_S = 2.0
+
+
 def _busy_cores(samples: int = 3) -> float:
     """Tasks running or waiting for a core besides the one asking, median of a few reads of
-    /proc/loadavg's runnable count 5 ms apart; 0 where it cannot be read (then all threads)."""
+    /proc/loadavg's runnable count 5 ms apart; 0 where it cannot be read (then all threads).
+
+    A reading holds for ``BUSY_READING_HOLDS_S``: the 10 ms of waiting were a tenth of segmenting
+    a 10-slice phase (104 ms), paid again for each phase of a cine."""
+    now = time.monotonic()
+    if now - _BUSY_READ[0] < BUSY_READING_HOLDS_S:
+        return _BUSY_READ[1]
+    _BUSY_READ[1] = _read_busy_cores(samples)
+    _BUSY_READ[0] = time.monotonic()
+    return _BUSY_READ[1]
+
+
+def _read_busy_cores(samples: int) -> float:
     counts = []
     for i in range(samples):
         try:

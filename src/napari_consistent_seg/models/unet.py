@@ -8,10 +8,8 @@ of MONAI's subpackages (pandas, matplotlib, scipy.signal...) and took 4.5 s of a
 ``consistent-seg predict`` on our 2-core CPU; segmenting needs only these few layers, so inference
 runs without importing MONAI at all (training still uses MONAI's losses and metrics).
 
-Two differences in how it runs, not in what it computes: 2D transposed convolutions run on
-channels-last tensors (torch's CPU kernel for them is 3-5x faster in that layout;
-docs/inference.md), and any input size works: the input is padded inside ``forward`` to a multiple
-of the total stride and the logits are cropped back.
+One difference in how it runs, not in what it computes: any input size works (the input is
+padded inside ``forward`` to a multiple of the total stride and the logits are cropped back).
 
 Instance normalisation, so one network serves any batch size and both CT and MRI without a
 modality flag.
@@ -150,20 +148,11 @@ class SkipConnection(nn.Module):
         return torch.cat([x, self.submodule(x)], dim=1)
 
 
-class _ChannelsLastConvTranspose2d(nn.ConvTranspose2d):
-    """A 2D transposed convolution run on channels-last tensors, returned in the default layout:
-    the same weights and result, 3-5x faster on the CPU (torch's contiguous-layout kernel is slow)."""
-
-    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
-        y = super().forward(x.contiguous(memory_format=torch.channels_last), output_size)
-        return y.contiguous()
-
-
 def _conv(dims: int, cin: int, cout: int, stride: int, transposed: bool, norm_act: bool, dropout: float):
     """MONAI's ``Convolution``: conv (padding 1; transposed: output padding stride - 1), then
     ``adn`` = instance norm, dropout, PReLU (the "NDA" order) unless ``conv_only``."""
     if transposed:
-        kind = _ChannelsLastConvTranspose2d if dims == 2 else nn.ConvTranspose3d
+        kind = (nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 2]
         conv = kind(cin, cout, 3, stride=stride, padding=1, output_padding=stride - 1)
     else:
         conv = (nn.Conv2d, nn.Conv3d)[dims - 2](cin, cout, 3, stride=stride, padding=1)

@@ -261,6 +261,20 @@ def test_inference_threads_follow_the_env_and_the_idle_cores(monkeypatch):
     assert inference.inference_threads() == 1
 
 
+def test_a_busy_core_reading_holds_for_a_while(monkeypatch):
+    """/proc/loadavg is read (three times, 5 ms apart) once per BUSY_READING_HOLDS_S, not per call."""
+    from napari_consistent_seg import inference
+
+    reads = []
+    monkeypatch.setattr(inference, "_read_busy_cores", lambda samples: reads.append(samples) or 1.0)
+    monkeypatch.setattr(inference, "_BUSY_READ", [-1e9, 0.0])
+    assert inference._busy_cores() == 1.0 and inference._busy_cores() == 1.0
+    assert len(reads) == 1
+    monkeypatch.setattr(inference, "BUSY_READING_HOLDS_S", 0.0)
+    inference._busy_cores()
+    assert len(reads) == 2
+
+
 def test_inference_restores_torch_threads(models, monkeypatch):
     from napari_consistent_seg import inference
 

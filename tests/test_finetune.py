@@ -247,3 +247,24 @@ def test_balanced_anchor_weighs_each_class_the_teacher_sees_alike():
     assert balanced == pytest.approx(plain * 100 / 2 / 2, rel=1e-5)  # organ mean, background 0, over 2 classes
     assert float(anchor_loss(teacher, teacher, where, balanced=True)) == pytest.approx(0.0, abs=1e-6)
     assert float(anchor_loss(student, teacher, torch.zeros_like(where), balanced=True)) == 0
+
+
+def test_corrections_on_a_scan_in_another_plane_come_back_on_its_grid(tiny_model_path):
+    """segment(..., corrections=) on a coronal scan with an axial-plane model: the corrections are
+    viewed in the model's plane for the post-processing and win on the scan's own grid."""
+    from napari_consistent_seg.inference import segment
+    from napari_consistent_seg.io.volume import Volume
+
+    model = load_model(tiny_model_path)
+    model.card.plane = "axial"
+    coronal = np.array([[-1.5, 0, 0, 0], [0, 0, 3.0, 0], [0, 1.5, 0, 0], [0, 0, 0, 1]], float)
+    geometry = Geometry.from_source_grid(coronal, (40, 30, 12), slice_axis=2)
+    data = np.random.default_rng(0).normal(500, 100, geometry.shape_zyx).astype(np.float32)
+    scan = Volume(data, geometry, name="coronal", modality="MR")
+    painted, known = np.zeros(scan.shape, np.uint8), np.zeros(scan.shape, bool)
+    known[3, 5:9, 2:6] = True
+    painted[known] = 2
+    result = segment(model, scan, corrections=(painted, known)).data
+    assert result.shape == scan.shape and (result[known] == 2).all()
+    plain = segment(model, scan).data
+    np.testing.assert_array_equal(result[~known], plain[~known])

@@ -75,9 +75,9 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   anchor weight 1 (the default until 2026-11-30). Both were run on 2026-11-30 (bf16 inference),
   every val case of every set, one torch thread each, two rounds at a time on the 2-core CPU. The
   default's cardiac rows were run again after two clean-up changes: the base rule was fixed (it cut
-  the base of end-systolic frames), and a fine-tune's result keeps the slices the user labeled LV
-  on (`segment(..., corrections=...)`, as the widget's Accept and the CLI; it is what each round
-  scores). The anchor-1 rows were run before both, so acdc patient030_frame02 shows the first bug
+  the base of end-systolic frames), and a fine-tune's result keeps the slices the user corrected
+  and left LV on (`segment(..., corrections=...)`, as the widget's Accept and the CLI; it is what
+  each round scores; the simulated corrections hold labels only where known). The anchor-1 rows were run before both, so acdc patient030_frame02 shows the first bug
   there (-37.8 / -24.5) and the default's rows do not.
 - **icl**: the former ICL fine-tuner (ICL's unlabeled terms on the other slices, no anchor);
   **supervised**: supervised loss on the known voxels only, no anchor. Both run on 2026-11-30 after

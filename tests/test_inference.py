@@ -313,7 +313,8 @@ def test_precision_follows_the_device_and_the_environment(monkeypatch):
 
 def test_corrections_win_and_keep_their_lv_slices_through_the_cardiac_clean_up(models):
     """What a fine-tune's Accept runs: the user's voxels replace the prediction, and the cardiac
-    clean-up does not drop a slice where the user labeled LV (as it drops an atrium above the base)."""
+    clean-up does not drop a slice the user corrected and left LV on (as it drops an atrium above
+    the base)."""
     from napari_consistent_seg.inference import post_process, segment
     from napari_consistent_seg.io.volume import Geometry, Volume
 
@@ -331,8 +332,12 @@ def test_corrections_win_and_keep_their_lv_slices_through_the_cardiac_clean_up(m
     painted[known] = 3
     kept = post_process(cardiac, labels, None, spacing, corrections=(painted, known))
     assert (kept[0] == 3).sum() == (labels[0] == 3).sum()
-    painted[known] = 0  # the user erased there: nothing to keep
+    painted[known] = 0  # the user erased there and left no LV on the slice: nothing to keep
     assert not (post_process(cardiac, labels, None, spacing, corrections=(painted, known))[0] == 3).any()
+    corrected = labels.copy()  # the segmentation corrected in place: a dab erased on the cavity's edge
+    corrected[known] = 0
+    kept = post_process(cardiac, labels, None, spacing, corrections=(corrected, known))
+    assert (kept[0] == 3).sum() == (labels[0] == 3).sum()  # the user saw heart there: kept
 
     data = _volume((5, 40, 40))
     volume = Volume(data, Geometry.from_spacing((4.0, 1.5, 1.5), data.shape), name="scan", modality="MR")

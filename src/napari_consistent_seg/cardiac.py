@@ -275,7 +275,7 @@ def clean_cardiac_labels(
     3. RV pieces are kept only within ``rv_reach_mm`` of the kept LV, on the run's slices.
     4. A skipped (empty) slice inside the run is filled by interpolating its two neighbours.
 
-    ``keep_slices``: slice indices where the user labeled LV (myocardium or cavity), e.g. strokes
+    ``keep_slices``: slice indices the user corrected and left LV (myocardium or cavity) on, e.g.
     before a fine-tune: the end rules of step 1 never drop them from the run, nor the slices
     between them. The user's word outranks the atrium and apex guesses.
     """

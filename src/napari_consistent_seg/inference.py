@@ -478,7 +478,8 @@ def post_process(model: Model, labels: np.ndarray, keep_largest: bool | None = N
     None = as the card says; False = none; True = the card's clean-up, else the largest component.
     ``spacing_mm``: (z, y, x) of ``labels``, or None when the scan does not know it.
     ``corrections``: the user's (labels, known) on the same grid; the cardiac clean-up keeps the
-    slices where the user labeled LV (`clean_cardiac_labels`' ``keep_slices``).
+    slices the user corrected and left LV on (`clean_cardiac_labels`' ``keep_slices``): a slice
+    where the user trimmed the cavity's edge is a slice they saw as heart.
     """
     if keep_largest is False:
         return labels
@@ -488,9 +489,10 @@ def post_process(model: Model, labels: np.ndarray, keep_largest: bool | None = N
         classes = CardiacLabels.from_classes(model.classes)
         keep = ()
         if corrections is not None:
-            painted, known = corrections
-            lv = np.asarray(known, bool) & np.isin(painted, [v for v in (classes.lv, classes.myo) if v is not None])
-            keep = np.flatnonzero(lv.reshape(len(lv), -1).any(1))
+            painted, known = (np.asarray(a) for a in corrections)
+            lv = np.isin(painted, [v for v in (classes.lv, classes.myo) if v is not None])
+            touched = known.reshape(len(known), -1).any(1)
+            keep = np.flatnonzero(touched & lv.reshape(len(lv), -1).any(1))
         return clean_cardiac_labels(labels, spacing_mm, classes=classes, keep_slices=keep)
     if keep_largest is None:
         keep_largest = bool(model.card.keep_largest_component)

@@ -41,16 +41,19 @@ from napari_consistent_seg.inference import predict_volume
 from napari_consistent_seg.io import load_volume
 from napari_consistent_seg.models.store import load_model
 from napari_consistent_seg.training.data import map_labels
-from napari_consistent_seg.training.finetune import DEFAULTS, Finetuner
+from napari_consistent_seg.training.finetune import DEFAULTS, Finetuner, recipe
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BTCV_MAP = {6: 1, 1: 2, 2: 3, 3: 4}
 CHAOS_MAP = {1: 1, 4: 2, 2: 3, 3: 4}
 
-#: method name -> Finetuner options ("none" is the starting model).
+#: method name -> Finetuner options over the model's recipe ("default": the recipe as it is, which
+#: the model card may set: the cardiac model anchors foreground and background alike with weight 1).
 METHODS = {
-    "default": dict(DEFAULTS),
-    "anchor-1": {**DEFAULTS, "anchor": 1.0},  # the default until 2026-11-30
+    "default": {"steps": DEFAULTS["steps"]},
+    "anchor-3": dict(DEFAULTS),  # every model's default until the evening of 2026-11-30
+    "foreground-anchor-1": {**DEFAULTS, "anchor": 1.0, "anchor_groups": "foreground"},
+    "anchor-1": {**DEFAULTS, "anchor": 1.0},  # the default until the morning of 2026-11-30
     "icl": {"method": "icl", "anchor": 0.0, "steps": 60},  # the fine-tuner before issue 13
     "supervised": {"method": "supervised", "anchor": 0.0, "steps": 60},
     "icl+anchor": {"method": "icl", "anchor": 1.0, "steps": 60},
@@ -70,15 +73,21 @@ one 3D score per case) on the voxels that were **not** painted, before and after
 - **worst2**: the two whole slices where the starting model has the most wrong voxels are painted.
 - **strokes**: brush dabs of radius 3 px centred on wrong voxels of the three worst slices, about
   300 voxels a slice, right voxels under the brush included; nothing else is known.
-- **default**: the shipped recipe (supervised loss on the known voxels + anchor to the starting
-  model with weight 3, 60 steps; bf16 forward passes on this CPU); **anchor-1**: the same with the
-  anchor weight 1 (the default until 2026-11-30). Both were run on 2026-11-30 (bf16 inference),
-  every val case of every set, one torch thread each, two rounds at a time on the 2-core CPU. The
-  default's cardiac rows were run again after two clean-up changes: the base rule was fixed (it cut
-  the base of end-systolic frames), and a fine-tune's result keeps the slices the user corrected
-  and left LV on (`segment(..., corrections=...)`, as the widget's Accept and the CLI; it is what
-  each round scores; the simulated corrections hold labels only where known). The anchor-1 rows were run before both, so acdc patient030_frame02 shows the first bug
-  there (-37.8 / -24.5) and the default's rows do not.
+- **default**: each model's recipe (`training.finetune.recipe`: supervised loss on the known voxels
+  + an anchor to the starting model, 60 steps; bf16 forward passes on this CPU). The cardiac model's
+  card anchors the starting model's foreground and background alike with weight 1; the abdomen
+  model keeps the plain anchor (the mean over voxels) with weight 3. Its rows are those of the two
+  methods below that match each model's recipe.
+- **foreground-anchor-1** (run on the evening of 2026-11-30, after the last pipeline changes) and
+  **anchor-3** (every model's default until then; the plain anchor with weight 3), every val case of
+  every set, one torch thread each, two rounds at a time on the 2-core CPU. The anchor-3 cardiac rows
+  were run again after two clean-up changes: the base rule was fixed (it cut the base of
+  end-systolic frames), and a fine-tune's result keeps the slices the user corrected and left LV on
+  (`segment(..., corrections=...)`, as the widget's Accept and the CLI; it is what each round
+  scores; the simulated corrections hold labels only where known); four of them re-run after the
+  transposed convolutions' layout change moved by at most 0.07. **anchor-1**: the plain anchor with
+  weight 1 (the default until the morning of 2026-11-30), run before both clean-up changes, so acdc
+  patient030_frame02 shows the first bug there (-37.8 / -24.5).
 - **icl**: the former ICL fine-tuner (ICL's unlabeled terms on the other slices, no anchor);
   **supervised**: supervised loss on the known voxels only, no anchor. Both run on 2026-11-30 after
   both clean-up changes (the btcv rows after the first), on the 20 rounds that start below 85 %
@@ -229,7 +238,7 @@ def time_default_round(threads: int, repeats: int = 2) -> int:
     model = load_model(case.model)
     before = predict_volume(model, case.image, modality="MR", device="cpu").labels
     labels, known = corrections(case, before, "worst2", np.random.default_rng(0))
-    options = dict(DEFAULTS)
+    options = recipe(model)
     steps = options.pop("steps")
     for r in range(repeats):
         started = time.monotonic()
@@ -310,7 +319,10 @@ def main(argv=None) -> int:
     for item in args.set_option:
         key, value = item.split("=", 1)
         method, option = key.split(".", 1)
-        methods[method][option] = value if option == "method" else float(value) if "." in value else int(value)
+        try:
+            methods[method][option] = float(value) if "." in value else int(value)
+        except ValueError:
+            methods[method][option] = value  # a name: method, anchor_groups
     rows, done = [], set()
     if args.csv and args.csv.is_file():
         with args.csv.open() as f:
@@ -335,7 +347,7 @@ def main(argv=None) -> int:
                 row = {"set": case.set, "case": case.name, "paint": paint, "method": name,
                        "before": f"{start:.2f}", "after": f"{dice_on(after, case.labels, where, case.scored_classes):.2f}",
                        "seconds": f"{secs:.1f}", "steps": steps, "known_voxels": int(known.sum()),
-                       "options": json.dumps(options, sort_keys=True)}
+                       "options": json.dumps({**recipe(model), **options}, sort_keys=True)}
                 rows.append(row)
                 print(f"{case.set:10s} {case.name:20s} {paint:8s} {name:16s} {row['before']:>6s} -> "
                       f"{row['after']:>6s}  {secs:5.1f} s", flush=True)

@@ -105,6 +105,12 @@ BROKEN = [
     (_broken(modules={"kind": "icl", "num_classes": 3}), "modules.num_classes"),
     (_broken(format="napari-consistent-seg/9"), "another version"),
     (_broken(fine_tuning={"steps": 3}), "fine_tuning"),
+    (_broken(finetune={"anchor": 1.0, "momentum": 0.9}), "'finetune' must be an object"),
+    (_broken(finetune={"anchor": "strong"}), "finetune.anchor"),
+    (_broken(finetune={"steps": 0}), "finetune.steps"),
+    (_broken(finetune={"anchor_groups": "organs"}), "finetune.anchor_groups"),
+    (_broken(finetune={"method": "eam"}), "finetune.method"),
+    (_broken(finetune=[1]), "'finetune' must be an object"),
 ]
 
 

@@ -233,9 +233,10 @@ def test_model_slices_follow_the_models_plane(tiny_model_path):
         model_slices(model, scan, painted[:2])
 
 
-def test_balanced_anchor_weighs_each_class_the_teacher_sees_alike():
-    """Plain: the mean KL over voxels, which a small organ barely moves. Balanced: the mean over the
-    teacher's classes of their mean KL, so losing a small organ costs as much as the background."""
+def test_anchor_groups_weigh_what_the_teacher_sees_alike():
+    """"voxels": the mean KL over voxels, which a small organ barely moves. "classes": the mean over
+    the teacher's classes of their mean KL; "foreground": the mean of the foreground's and the
+    background's; either way losing a small organ costs as much as the background around it."""
     teacher = torch.zeros(1, 3, 10, 10)
     teacher[0, 0] = 5.0  # background everywhere ...
     teacher[0, :, 0, :2] = torch.tensor([0.0, 5.0, 0.0])[:, None]  # ... but a 2-voxel organ (class 1)
@@ -243,10 +244,31 @@ def test_balanced_anchor_weighs_each_class_the_teacher_sees_alike():
     student[0, :, 0, :2] = torch.tensor([5.0, 0.0, 0.0])[:, None]  # the student lost the organ
     where = torch.ones(1, 10, 10, dtype=torch.bool)
     plain = float(anchor_loss(student, teacher, where))
-    balanced = float(anchor_loss(student, teacher, where, balanced=True))
+    balanced = float(anchor_loss(student, teacher, where, "classes"))
     assert balanced == pytest.approx(plain * 100 / 2 / 2, rel=1e-5)  # organ mean, background 0, over 2 classes
-    assert float(anchor_loss(teacher, teacher, where, balanced=True)) == pytest.approx(0.0, abs=1e-6)
-    assert float(anchor_loss(student, teacher, torch.zeros_like(where), balanced=True)) == 0
+    assert float(anchor_loss(student, teacher, where, "foreground")) == pytest.approx(balanced, rel=1e-5)
+    for groups in ("classes", "foreground"):
+        assert float(anchor_loss(teacher, teacher, where, groups)) == pytest.approx(0.0, abs=1e-6)
+        assert float(anchor_loss(student, teacher, torch.zeros_like(where), groups)) == 0
+    with pytest.raises(ConsistentSegError, match="anchor groups"):
+        anchor_loss(student, teacher, where, "organs")
+
+
+def test_the_card_sets_the_models_recipe(tiny_model_path):
+    """Options left unset come from the card's ``finetune`` over DEFAULTS; the shipped cardiac model
+    anchors foreground and background alike with weight 1, the abdomen model keeps the defaults."""
+    from napari_consistent_seg.training.finetune import DEFAULTS, recipe
+
+    assert recipe(load_model("cardiac-cine-mri")) == {**DEFAULTS, "anchor": 1.0, "anchor_groups": "foreground"}
+    assert recipe(load_model("abdomen-ct-mri")) == DEFAULTS
+    model = load_model(tiny_model_path)
+    model.card.finetune = {"anchor": 2.0, "anchor_groups": "classes", "steps": 3}
+    image, truth = scan()
+    tuner = finetune(model, image, truth, batch_size=2)
+    assert (tuner.anchor, tuner.anchor_groups, tuner.steps_done) == (2.0, "classes", 3)
+    assert Finetuner(model, image, truth, anchor=0.5, batch_size=2).anchor == 0.5  # an explicit option wins
+    record = tuner.finished_model().card
+    assert record.finetune == model.card.finetune and record.fine_tuning[-1]["anchor_groups"] == "classes"
 
 
 def test_corrections_on_a_scan_in_another_plane_come_back_on_its_grid(tiny_model_path):

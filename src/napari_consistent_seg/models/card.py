@@ -37,10 +37,18 @@ _JSON_TYPES = {
     "name": (str,), "description": (str,), "architecture": (dict,), "classes": (dict,), "colours": (dict, None),
     "modalities": (list,), "normalisation": (dict,), "patch_size": (list,), "plane": (str,),
     "target_spacing_mm": (list, None), "postprocessing": (dict, None), "modules": (dict, None),
-    "training": (dict, None), "val_scores": (dict, None), "fine_tuning": (list,), "format": (str,),
+    "training": (dict, None), "val_scores": (dict, None), "fine_tuning": (list,), "finetune": (dict, None),
+    "format": (str,),
     "code_version": (str,), "created": (str,),
 }
 _JSON_NAMES = {str: "text", dict: "an object", list: "a list", None: "null"}
+
+
+#: How the fine-tuner's anchor averages its KL term: over all unknown voxels ("voxels"), over the
+#: starting model's foreground and background alike ("foreground"), or over each class alike ("classes").
+ANCHOR_GROUPS = ("voxels", "foreground", "classes")
+#: The fine-tuning recipe a card may set for its model (``finetune``), over training.finetune.DEFAULTS.
+FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str}
 
 
 def default_colours(classes) -> dict[int, str]:
@@ -163,6 +171,8 @@ class ModelCard:
     training: TrainingRecord = field(default_factory=TrainingRecord)
     val_scores: dict = field(default_factory=dict)
     fine_tuning: list[dict] = field(default_factory=list)
+    #: this model's fine-tuning recipe where it differs from training.finetune.DEFAULTS
+    finetune: dict = field(default_factory=dict)
     code_version: str = ""
     created: str = ""
     format: str = FORMAT
@@ -198,6 +208,7 @@ class ModelCard:
         _check_scores(self.val_scores, "val_scores")
         if not isinstance(self.fine_tuning, list) or not all(isinstance(f, dict) for f in self.fine_tuning):
             raise _error("'fine_tuning' must be a list of records")
+        self._check_finetune()
         if not isinstance(self.description, str):
             raise _error("'description' must be text")
 
@@ -287,6 +298,22 @@ class ModelCard:
         if mods.get("num_classes") != len(self.classes):
             raise _error("modules.num_classes differs from the number of classes")
 
+    def _check_finetune(self) -> None:
+        recipe = self.finetune
+        if not isinstance(recipe, dict) or set(recipe) - set(FINETUNE_KEYS):
+            raise _error(f"'finetune' must be an object with some of {', '.join(FINETUNE_KEYS)}, got {recipe!r}")
+        for key, kind in FINETUNE_KEYS.items():
+            value = recipe.get(key)
+            ok = (value is None or (isinstance(value, str) if kind is str else
+                                    _is_int(value) and value > 0 if kind is int else _is_number(value) and value >= 0))
+            if not ok:
+                raise _error(f"'finetune.{key}' must be {'text' if kind is str else 'a number'}, got {value!r}")
+        if recipe.get("method", "supervised") not in ("supervised", "icl"):
+            raise _error(f"'finetune.method' must be supervised or icl, got {recipe['method']!r}")
+        if recipe.get("anchor_groups", "voxels") not in ANCHOR_GROUPS:
+            raise _error(f"'finetune.anchor_groups' must be one of {', '.join(ANCHOR_GROUPS)}, "
+                         f"got {recipe['anchor_groups']!r}")
+
     # ---- views --------------------------------------------------------------------------------
     @property
     def spatial_dims(self) -> int:
@@ -339,6 +366,7 @@ class ModelCard:
             raw["colours"] = {}
         raw["training"] = TrainingRecord.from_dict(raw.get("training") or {})
         raw["val_scores"] = raw.get("val_scores") or {}
+        raw["finetune"] = raw.get("finetune") or {}
         for key in ("patch_size", "target_spacing_mm"):
             if isinstance(raw.get(key), tuple):
                 raw[key] = list(raw[key])
@@ -368,6 +396,7 @@ class ModelCard:
             "training": self.training.to_dict() if self.training != TrainingRecord() else {},
             "val_scores": copy.deepcopy(self.val_scores),
             **({"fine_tuning": copy.deepcopy(self.fine_tuning)} if self.fine_tuning else {}),
+            **({"finetune": copy.deepcopy(self.finetune)} if self.finetune else {}),
             "code_version": self.code_version,
             "created": self.created,
             "format": self.format,

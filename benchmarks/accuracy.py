@@ -283,8 +283,8 @@ def write_report(out: Path, variants: list[str], device=None, update_cards: bool
             *summary_rows, "", *details,
         ]
     text = "\n".join(lines) + "\n"
-    if out.is_file() and KEPT_MARKER in out.read_text():  # other benchmarks' sections (fine-tuning) stay
-        text += "\n" + out.read_text()[out.read_text().index(KEPT_MARKER):]
+    if KEPT_MARKER in previous:  # other benchmarks' sections (fine-tuning) stay
+        text += "\n" + previous[previous.index(KEPT_MARKER):]
     out.write_text(text)
     return text
 

@@ -609,7 +609,7 @@ def segment(
         in_view = None if fixes is None else [prepared.source.transfer(a, prepared.view) for a in fixes]
         result = restore(prepared, post_process(model, inferred.labels, keep_largest, _known_spacing(prepared), in_view))
         if fixes is not None:
-            result = np.where(fixes[1], fixes[0], result).astype(np.uint8)
+            result = apply_corrections(result, *fixes)
         if t is None:
             labels[...] = result
         else:
@@ -634,6 +634,11 @@ def segment(
     if probabilities is not None:
         meta["probabilities"] = probabilities
     return volume.with_data(labels, name=f"{volume.name} labels", is_label=True, meta=meta)
+
+
+def apply_corrections(prediction: np.ndarray, labels: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """The user's ``labels`` where ``known``, the ``prediction`` elsewhere (in the prediction's dtype)."""
+    return np.where(np.asarray(known, bool), labels, prediction).astype(prediction.dtype, copy=False)
 
 
 def _phase_corrections(volume: Volume, corrections, t) -> tuple[np.ndarray, np.ndarray]:
@@ -707,7 +712,7 @@ def predict_volume(
     if slices is None:
         labels = post_process(model, labels, keep_largest, prepared.spacing_mm, corrections)
         if corrections is not None:
-            labels = np.where(np.asarray(corrections[1], bool), corrections[0], labels).astype(labels.dtype)
+            labels = apply_corrections(labels, *corrections)
     if single:
         labels, probs = labels[0], None if probs is None else probs[:, 0]
     return Prediction(labels, probs, prepared.modality, prepared.warnings)

@@ -47,6 +47,8 @@ _JSON_NAMES = {str: "text", dict: "an object", list: "a list", None: "null"}
 #: How the fine-tuner's anchor averages its KL term: over all unknown voxels ("voxels"), over the
 #: starting model's foreground and background alike ("foreground"), or over each class alike ("classes").
 ANCHOR_GROUPS = ("voxels", "foreground", "classes")
+#: Fine-tuning methods: the supervised loss on the corrections, or that plus ICL's unlabeled terms.
+FINETUNE_METHODS = ("supervised", "icl")
 #: The fine-tuning recipe a card may set for its model (``finetune``), over training.finetune.DEFAULTS.
 FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str}
 
@@ -308,7 +310,7 @@ class ModelCard:
                                     _is_int(value) and value > 0 if kind is int else _is_number(value) and value >= 0))
             if not ok:
                 raise _error(f"'finetune.{key}' must be {'text' if kind is str else 'a number'}, got {value!r}")
-        if recipe.get("method", "supervised") not in ("supervised", "icl"):
+        if recipe.get("method", "supervised") not in FINETUNE_METHODS:
             raise _error(f"'finetune.method' must be supervised or icl, got {recipe['method']!r}")
         if recipe.get("anchor_groups", "voxels") not in ANCHOR_GROUPS:
             raise _error(f"'finetune.anchor_groups' must be one of {', '.join(ANCHOR_GROUPS)}, "

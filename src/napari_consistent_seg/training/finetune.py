@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConsistentSegError, InvalidInputError, ShapeMismatchError
-from ..inference import check_cancel, inference_precision, model_view, pick_device, prepare_input
+from ..inference import apply_corrections, check_cancel, inference_precision, model_view, pick_device, prepare_input
 from ..io.volume import Volume
-from ..models.card import ANCHOR_GROUPS
+from ..models.card import ANCHOR_GROUPS, FINETUNE_METHODS
 from ..models.modules import EAMModule, ICLModules
 from ..models.store import Model
 from . import losses
@@ -88,8 +88,7 @@ def anchor_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, where: torch
     "voxels", their mean; "foreground", the mean of the means over the voxels the teacher calls
     foreground and background (so a heart weighs as much as the chest around it); "classes", the
     mean over classes of the means over the voxels the teacher gives each class."""
-    if groups not in ANCHOR_GROUPS:
-        raise ConsistentSegError(f"anchor groups must be one of {', '.join(ANCHOR_GROUPS)}, not {groups!r}")
+    _check_anchor_groups(groups)
     t = teacher_logits.log_softmax(1)
     kl = (t.exp() * (t - logits.log_softmax(1))).sum(1)
     called = teacher_logits.argmax(1)
@@ -101,6 +100,11 @@ def anchor_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, where: torch
         groups = [where & (called == c) for c in range(logits.shape[1])]
     terms = [(kl * m).sum() / m.sum() for m in groups if m.any()]
     return torch.stack(terms).mean() if terms else logits.sum() * 0
+
+
+def _check_anchor_groups(groups) -> None:
+    if groups not in ANCHOR_GROUPS:
+        raise ConsistentSegError(f"anchor groups must be one of {', '.join(ANCHOR_GROUPS)}, not {groups!r}")
 
 
 class Finetuner:
@@ -124,10 +128,9 @@ class Finetuner:
         method, lr, anchor, anchor_groups = (chosen[k] for k in ("method", "lr", "anchor", "anchor_groups"))
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
-        if method not in ("supervised", "icl"):
+        if method not in FINETUNE_METHODS:
             raise ConsistentSegError(f"fine-tuning method must be 'supervised' or 'icl', not {method!r}")
-        if anchor_groups not in ANCHOR_GROUPS:
-            raise ConsistentSegError(f"anchor groups must be one of {', '.join(ANCHOR_GROUPS)}, not {anchor_groups!r}")
+        _check_anchor_groups(anchor_groups)
         image = np.asarray(image)
         labels = np.asarray(labels)
         if image.ndim != 3 or not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
@@ -313,8 +316,7 @@ def model_slices(model: Model, volume: Volume, *arrays):
 
 def merge_corrections(prediction: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
     """The user's labels where known (None: the whole-slice rule), the prediction elsewhere."""
-    known = whole_slice_known(labels) if known is None else np.asarray(known, bool)
-    return np.where(known, labels, prediction).astype(prediction.dtype)
+    return apply_corrections(prediction, labels, whole_slice_known(labels) if known is None else known)
 
 
 class ICLFinetuner(Finetuner):

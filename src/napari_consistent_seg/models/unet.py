@@ -148,6 +148,26 @@ class SkipConnection(nn.Module):
         return torch.cat([x, self.submodule(x)], dim=1)
 
 
+class _PerChannelGroupNorm:
+    """Instance norm computed as a group norm with one group per channel: the same function and the
+    same (empty) state dict, but torch's CPU group-norm kernel is 5-7x faster than its instance-norm
+    one in float32 (which reshapes to a batch norm): the cardiac network 0.86x per forward in
+    float32, unchanged in bf16 (docs/inference.md). Mixed into torch's InstanceNorm classes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.track_running_stats or x.dim() != self._get_no_batch_dim() + 1:
+            return super().forward(x)
+        return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+
+
+class _InstanceNorm2d(_PerChannelGroupNorm, nn.InstanceNorm2d):
+    pass
+
+
+class _InstanceNorm3d(_PerChannelGroupNorm, nn.InstanceNorm3d):
+    pass
+
+
 def _conv(dims: int, cin: int, cout: int, stride: int, transposed: bool, norm_act: bool, dropout: float):
     """MONAI's ``Convolution``: conv (padding 1; transposed: output padding stride - 1), then
     ``adn`` = instance norm, dropout, PReLU (the "NDA" order) unless ``conv_only``."""
@@ -160,7 +180,7 @@ def _conv(dims: int, cin: int, cout: int, stride: int, transposed: bool, norm_ac
     block.add_module("conv", conv)
     if norm_act:
         adn = nn.Sequential()
-        adn.add_module("N", (nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 2](cout))
+        adn.add_module("N", (_InstanceNorm2d, _InstanceNorm3d)[dims - 2](cout))
         adn.add_module("D", nn.Dropout(dropout))
         adn.add_module("A", nn.PReLU())
         block.add_module("adn", adn)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from napari_consistent_seg.inference import keep_largest_components, predict_volume
+from napari_consistent_seg.inference import keep_largest_components, segment
 from napari_consistent_seg.io import load_volume
 from napari_consistent_seg.metrics import evaluate_labels, format_table, summarise
 from napari_consistent_seg.models.store import SHIPPED_DIR, load_model
@@ -125,8 +125,7 @@ def evaluate_variant(name: str, device=None) -> dict[str, dict]:
         for case in source.select(cfg.data_root):
             vol = load_volume(case.image, modality=source.modality)
             ref = map_labels(load_volume(case.label).data, source.label_map)
-            pred = predict_volume(model, vol.data, spacing_mm=vol.spacing_mm, modality=source.modality,
-                                  device=device, keep_largest=False).labels
+            pred = segment(model, vol, device=device, keep_largest=False).data
             raw[case.name] = evaluate_labels(pred, ref, classes, vol.spacing_mm)
             post[case.name] = evaluate_labels(keep_largest_components(pred), ref, classes, vol.spacing_mm)
         key = f"{source.dataset} ({source.modality}, {len(post)} val cases)"

@@ -26,8 +26,8 @@ import torch
 
 from napari_consistent_seg.cardiac import cardiac_function, clean_cardiac_labels
 from napari_consistent_seg.demo import find_shared_data
-from napari_consistent_seg.inference import keep_largest_components, predict_volume
-from napari_consistent_seg.io import load_volume
+from napari_consistent_seg.inference import keep_largest_components, predict_volume, segment
+from napari_consistent_seg.io import Volume, load_volume
 from napari_consistent_seg.models.store import load_model
 
 SETS = ("acdc", "acdc_original", "mnms2", "sunnybrook")
@@ -39,8 +39,9 @@ METHODS = {"raw": lambda labels, spacing: labels,
 FILE_ORDER = {"on": False}
 
 
-def read(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None]:
-    """A frame in volume order (axis 0: the scanner's slices), and its voxel size where known.
+def read(path: Path):
+    """A frame as ``load_volume`` reads it (volume order: axis 0 runs through the scanner's slices),
+    and its voxel size where known.
 
     With ``--file-order``: the file's own (k, j, i) array instead, in-plane axes as stored.
     """
@@ -50,11 +51,24 @@ def read(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None]:
         image = nib.load(str(path))
         zooms = tuple(float(z) for z in image.header.get_zooms()[:3][::-1])
         return np.ascontiguousarray(np.asanyarray(image.dataobj).transpose(2, 1, 0)), spacing and zooms
-    return volume.data, spacing
+    return volume, spacing
+
+
+def array(frame) -> np.ndarray:
+    return frame.data if isinstance(frame, Volume) else frame
+
+
+def raw_labels(model, frame, spacing) -> np.ndarray:
+    """The model's labels without post-processing: `segment` on a Volume, the array-level
+    `predict_volume` for ``--file-order``."""
+    if isinstance(frame, Volume):
+        return segment(model, frame, keep_largest=False).data
+    return predict_volume(model, frame, spacing_mm=spacing, modality="MR", keep_largest=False).labels
 
 
 def pairs(data: Path, name: str):
-    """(case, ED image, ED labels, ES image, ES labels, spacing or None), all (Z, Y, X)."""
+    """(case, ED image, ED labels, ES image, ES labels, spacing or None): frames as `read` gives them
+    (Volumes; (Z, Y, X) arrays with ``--file-order``)."""
     if name == "acdc":
         val = json.loads((data / "splits.json").read_text())["splits"]["acdc"]["val"]
         for patient in sorted({c.split("_frame")[0] for c in val}):
@@ -101,9 +115,8 @@ def main(argv=None) -> int:
     print("|---" * (3 + 2 * len(METHODS) + 1) + "|")
     for set_name in args.sets:
         for case, ed_image, ed_ref, es_image, es_ref, spacing in pairs(data, set_name):
-            raw = [predict_volume(model, image, spacing_mm=spacing, modality="MR", keep_largest=False).labels
-                   for image in (ed_image, es_image)]
-            reference = cardiac_function([ed_ref, es_ref], spacing, ed=0, es=1)
+            raw = [raw_labels(model, image, spacing) for image in (ed_image, es_image)]
+            reference = cardiac_function([array(ed_ref), array(es_ref)], spacing, ed=0, es=1)
             row = {"set": set_name, "case": case, "lv_ef_ref": reference.lv_ef_percent,
                    "rv_ef_ref": reference.rv_ef_percent}
             for method, clean in METHODS.items():

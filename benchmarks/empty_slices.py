@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from napari_consistent_seg.demo import find_shared_data
-from napari_consistent_seg.inference import predict_volume
+from napari_consistent_seg.inference import segment
 from napari_consistent_seg.io import load_volume
 from napari_consistent_seg.models.store import load_model
 from napari_consistent_seg.training.data import select_cases
@@ -41,12 +41,11 @@ def main(argv=None) -> int:
         counts = {name: [0, 0] for name in models}
         n_empty = 0
         for case in cases:
-            image, reference = load_volume(case.image), load_volume(case.label).data
+            image, reference = load_volume(case.image, modality="MR"), load_volume(case.label).data
             empty = (reference > 0).sum((1, 2)) == 0
             n_empty += int(empty.sum())
             for name, model in models.items():
-                pred = predict_volume(model, image.data, spacing_mm=image.spacing_mm, modality="MR",
-                                      keep_largest=False).labels
+                pred = segment(model, image, keep_largest=False).data
                 painted = (pred > 0).sum((1, 2))[empty]
                 counts[name][0] += int((painted >= args.min_pixels).sum())
                 counts[name][1] += int(painted.sum())

@@ -16,8 +16,11 @@ the classes in the reference) on the voxels that were NOT painted is compared be
   .venv/bin/python benchmarks/finetune.py --timing --threads 1   # one default round, 10-slice scan
 
 Cases: acdc val, mnms2 short-axis ED/ES, sunnybrook_cine ED/ES with cardiac-cine-mri; chaos_t2 and
-btcv_ct val with abdomen-ct-mri. mnms2 and sunnybrook are oblique: they are read with nibabel and
-sliced along the NIfTI's third axis (their acquisition axis). Sunnybrook's labels miss the RV (and
+btcv_ct val with abdomen-ct-mri. Every scan is read with ``load_volume`` and goes through the
+product's own path, as the widget and ``consistent-seg finetune`` take it: ``model_slices`` gives
+the fine-tuner the model's plane, and ``segment`` (corrections kept) scores the result on the
+scan's grid. mnms2 and sunnybrook are oblique; the cardiac model slices them in their acquisition
+plane. Sunnybrook's labels miss the RV (and
 the myocardium at ES) and some slices: only contoured slices and labeled classes are scored, and
 voxels the model calls an unlabeled class are not taken as known when painting.
 """
@@ -37,11 +40,11 @@ import torch
 from scipy import ndimage
 
 from accuracy import KEPT_MARKER  # benchmarks/ is this script's folder: accuracy.py owns the marker
-from napari_consistent_seg.inference import predict_volume
-from napari_consistent_seg.io import load_volume
+from napari_consistent_seg.inference import segment
+from napari_consistent_seg.io import Volume, load_volume
 from napari_consistent_seg.models.store import load_model
 from napari_consistent_seg.training.data import map_labels
-from napari_consistent_seg.training.finetune import DEFAULTS, Finetuner, recipe
+from napari_consistent_seg.training.finetune import DEFAULTS, Finetuner, model_slices, recipe
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BTCV_MAP = {6: 1, 1: 2, 2: 3, 3: 4}
@@ -110,21 +113,11 @@ one 3D score per case) on the voxels that were **not** painted, before and after
 class Case:
     set: str
     name: str
-    image: np.ndarray  # (Z, Y, X), Z = acquisition (slice) axis
-    labels: np.ndarray
-    spacing_mm: tuple
-    modality: str
+    volume: Volume  # the scan as load_volume reads it (its modality set)
+    labels: np.ndarray  # on the volume's grid
     model: str
     scored_classes: list[int]
     scored_slices: np.ndarray  # bool (Z,)
-
-
-def _nib_zyx(path: Path):
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    zooms = img.header.get_zooms()[:3]
-    return np.asarray(img.dataobj).transpose(2, 1, 0), (float(zooms[2]), float(zooms[1]), float(zooms[0]))
 
 
 def load_cases(sets: list[str], limit: int | None) -> list[Case]:
@@ -133,26 +126,23 @@ def load_cases(sets: list[str], limit: int | None) -> list[Case]:
     for s in sets:
         if s == "acdc":
             for name in splits["acdc"]["val"][:limit]:
-                v = load_volume(DATA / "acdc/images" / f"{name}.nii.gz")
+                v = load_volume(DATA / "acdc/images" / f"{name}.nii.gz", modality="MR")
                 lab = load_volume(DATA / "acdc/labels" / f"{name}.nii.gz").data.astype(np.uint8)
-                cases.append(Case(s, name, v.data, lab, v.spacing_mm, "MR", "cardiac-cine-mri", [1, 2, 3],
-                                  lab.reshape(len(lab), -1).any(1)))
+                cases.append(Case(s, name, v, lab, "cardiac-cine-mri", [1, 2, 3], lab.reshape(len(lab), -1).any(1)))
         elif s in ("mnms2", "sunnybrook"):
             names = ["001_SA_ED", "001_SA_ES"] if s == "mnms2" else ["SCD0000301_ED", "SCD0000301_ES"]
             folder = DATA / ("mnms2" if s == "mnms2" else "sunnybrook_cine")
             for name in names:
-                image, spacing = _nib_zyx(folder / "images" / f"{name}.nii.gz")
-                lab = _nib_zyx(folder / "labels" / f"{name}.nii.gz")[0].astype(np.uint8)
+                v = load_volume(folder / "images" / f"{name}.nii.gz", modality="MR")
+                lab = load_volume(folder / "labels" / f"{name}.nii.gz").data.astype(np.uint8)
                 classes = [c for c in (1, 2, 3) if (lab == c).any()]
-                cases.append(Case(s, name, image.astype(np.float32), lab, spacing, "MR", "cardiac-cine-mri",
-                                  classes, lab.reshape(len(lab), -1).any(1)))
+                cases.append(Case(s, name, v, lab, "cardiac-cine-mri", classes, lab.reshape(len(lab), -1).any(1)))
         elif s in ("chaos_t2", "btcv_ct"):
             for name in splits[s]["val"][:limit]:
-                v = load_volume(DATA / s / "images" / f"{name}.nii.gz")
+                v = load_volume(DATA / s / "images" / f"{name}.nii.gz", modality="CT" if s == "btcv_ct" else "MR")
                 lab = map_labels(load_volume(DATA / s / "labels" / f"{name}.nii.gz").data,
                                  BTCV_MAP if s == "btcv_ct" else CHAOS_MAP)
-                cases.append(Case(s, name, v.data, lab, v.spacing_mm, "CT" if s == "btcv_ct" else "MR",
-                                  "abdomen-ct-mri", [1, 2, 3, 4], np.ones(len(lab), bool)))
+                cases.append(Case(s, name, v, lab, "abdomen-ct-mri", [1, 2, 3, 4], np.ones(len(lab), bool)))
         else:
             raise SystemExit(f"unknown set {s}")
     return cases
@@ -212,43 +202,48 @@ def corrections(case: Case, pred: np.ndarray, mode: str, rng) -> tuple[np.ndarra
     return np.where(known, ref, 0).astype(np.uint8), known
 
 
+def tuner_for(model, case: Case, labels, known, options: dict) -> Finetuner:
+    """A fine-tuner on the model's slices of the case, as the widget and the CLI build it."""
+    (image, painted, known_slices), spacing = model_slices(model, case.volume, case.volume.data, labels, known)
+    return Finetuner(model, image, painted, known_slices, spacing_mm=spacing, modality=case.volume.modality,
+                     device="cpu", **options)
+
+
 def run_round(model, case: Case, labels, known, options: dict, seconds: float | None):
     options = dict(options)
     steps = options.pop("steps")
     started = time.monotonic()
-    tuner = Finetuner(model, case.image, labels, known, spacing_mm=case.spacing_mm, modality=case.modality,
-                      device="cpu", **options)
+    tuner = tuner_for(model, case, labels, known, options)
     for _ in range(steps):
         tuner.step()
         if seconds and time.monotonic() - started >= seconds:
             break
     tuned_s = time.monotonic() - started
-    pred = predict_volume(tuner.model, case.image, spacing_mm=case.spacing_mm, modality=case.modality,
-                          device="cpu", corrections=(labels, known)).labels  # as the widget and the CLI
+    pred = segment(tuner.model, case.volume, device="cpu", corrections=(labels, known)).data  # as the widget, the CLI
     return pred, tuned_s, tuner.steps_done
 
 
 def time_default_round(threads: int, repeats: int = 2) -> int:
     """Wall time of default rounds (the steps, as the widget's progress bar counts, and the whole
-    round: set-up, steps and the preview segmentation) on acdc
+    round: set-up, steps and the segmentation that Accept writes) on acdc
     patient028_frame01 (10 slices, 256 x 224), two painted slices; the load average beside it."""
     import os
 
     (case,) = [c for c in load_cases(["acdc"], None) if c.name == "patient028_frame01"]
     model = load_model(case.model)
-    before = predict_volume(model, case.image, modality="MR", device="cpu").labels
+    before = segment(model, case.volume, device="cpu").data
     labels, known = corrections(case, before, "worst2", np.random.default_rng(0))
     options = recipe(model)
     steps = options.pop("steps")
     for r in range(repeats):
         started = time.monotonic()
-        tuner = Finetuner(model, case.image, labels, known, modality="MR", device="cpu", **options)
+        tuner = tuner_for(model, case, labels, known, options)
         for _ in range(steps):
             tuner.step()
-        predict_volume(tuner.model, case.image, modality="MR", device="cpu")  # the preview
+        segment(tuner.model, case.volume, device="cpu", corrections=(labels, known))  # the Accept
         whole = time.monotonic() - started
         print(f"round {r + 1}: {steps} steps ({options}) in {tuner.elapsed_s:.1f} s, {whole:.1f} s with set-up "
-              f"and the preview, on {threads} thread(s); load average {os.getloadavg()[0]:.1f} on "
+              f"and the Accept segmentation, on {threads} thread(s); load average {os.getloadavg()[0]:.1f} on "
               f"{os.cpu_count()} cores", flush=True)
     return 0
 
@@ -334,8 +329,7 @@ def main(argv=None) -> int:
         if args.cases and case.name not in args.cases:
             continue
         model = models.setdefault(case.model, load_model(case.model))
-        before = predict_volume(model, case.image, spacing_mm=case.spacing_mm, modality=case.modality,
-                                device="cpu").labels
+        before = segment(model, case.volume, device="cpu").data
         for paint in args.paint:
             labels, known = corrections(case, before, paint, np.random.default_rng(0))
             where = ~known & case.scored_slices[:, None, None]

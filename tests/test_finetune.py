@@ -290,3 +290,32 @@ def test_corrections_on_a_scan_in_another_plane_come_back_on_its_grid(tiny_model
     assert result.shape == scan.shape and (result[known] == 2).all()
     plain = segment(model, scan).data
     np.testing.assert_array_equal(result[~known], plain[~known])
+
+
+def test_the_preview_slice_is_the_slice_segment_gives(tiny_model_path):
+    """segment_slice (the fine-tune preview): in the scan's own plane one slice runs and matches
+    segment's slice (the card asks no post-processing); on a coronal scan with an axial-plane
+    model it is the slice of the whole segmentation. The corrections win in both."""
+    from napari_consistent_seg.errors import InvalidInputError
+    from napari_consistent_seg.inference import segment, segment_slice
+    from napari_consistent_seg.io.volume import Volume
+
+    model = load_model(tiny_model_path)
+    rng = np.random.default_rng(1)
+    axial = Volume(rng.normal(500, 100, (6, 24, 20)).astype(np.float32), Geometry.from_spacing((3.0, 1.5, 1.5), (6, 24, 20)),
+                   name="axial", modality="MR")
+    coronal_affine = np.array([[-1.5, 0, 0, 0], [0, 0, 3.0, 0], [0, 1.5, 0, 0], [0, 0, 0, 1]], float)
+    geometry = Geometry.from_source_grid(coronal_affine, (40, 30, 12), slice_axis=2)
+    coronal = Volume(rng.normal(500, 100, geometry.shape_zyx).astype(np.float32), geometry, name="coronal",
+                     modality="MR")
+    model.card.plane = "axial"
+    for scan in (axial, coronal):
+        painted, known = np.zeros(scan.shape, np.uint8), np.zeros(scan.shape, bool)
+        known[2, 3:7, 2:6] = True
+        painted[known] = 1
+        whole = segment(model, scan, corrections=(painted, known)).data
+        shown = segment_slice(model, scan, 2, corrections=(painted, known))
+        np.testing.assert_array_equal(shown, whole[2])
+        assert (shown[3:7, 2:6] == 1).all()
+    with pytest.raises(InvalidInputError, match="out of range"):
+        segment_slice(model, axial, 6)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConsistentSegError
-from .inference import predict_volume, segment
+from .inference import segment
 from .io import Geometry, Volume, load_volume, make_phantom, save_nifti
 from .metrics import class_sizes, dice
 from .models.store import Model, load_model
@@ -149,21 +149,21 @@ def _phantom_demo(output: Path, device, steps: int = 40) -> dict[str, dict[str, 
     painted[painted_slices] = labels.data[painted_slices]
     print(f"no ../shared/data found: using the SYNTHETIC CT phantom; ICL fine-tune of {model.name} "
           f"for {steps} steps from painted slices {painted_slices}")
-    before = predict_volume(model, image.data, spacing_mm=image.spacing_mm, modality="CT", device=device)
+    before = segment(model, image, device=device)
     tuner = ICLFinetuner(model, image.data, painted, spacing_mm=image.spacing_mm, modality="CT", device=device)
     for _ in range(steps):
         tuner.step()
-    after = predict_volume(tuner.model, image.data, spacing_mm=image.spacing_mm, modality="CT", device=device)
+    after = segment(tuner.model, image, device=device)
     unpainted = np.ones(image.shape[0], bool)
     unpainted[painted_slices] = False
-    target = save_nifti(after.labels, image.geometry, output / "synthetic_ct_phantom_finetuned.nii.gz")
+    target = save_nifti(after.data, after.geometry, output / "synthetic_ct_phantom_finetuned.nii.gz")
     reference = labels.data[unpainted]
-    scores = {when: _dice_by_class(model, pred.labels[unpainted], reference)
+    scores = {when: _dice_by_class(model, pred.data[unpainted], reference)
               for when, pred in (("before", before), ("after", after))}
     print(f"phantom -> {target}\n  before fine-tuning (Dice on unpainted slices):")
-    print(_report(model, before.labels, image.geometry, scores["before"]))
+    print(_report(model, before.data, before.geometry, scores["before"]))
     print("  after fine-tuning:")
-    print(_report(model, after.labels, image.geometry, scores["after"]))
+    print(_report(model, after.data, after.geometry, scores["after"]))
     return scores
 
 

@@ -636,6 +636,29 @@ def segment(
     return volume.with_data(labels, name=f"{volume.name} labels", is_label=True, meta=meta)
 
 
+def segment_slice(model: Model, volume: Volume, z: int, *, device=None, corrections=None) -> np.ndarray:
+    """Slice ``z`` (the volume's axis 0, the slice napari shows) as :func:`segment` labels it: a
+    fine-tune preview. When a 2D model slices in the volume's own plane only that slice runs,
+    normalised as the whole volume, without the post-processing that needs the whole volume;
+    otherwise each of the model's slices crosses the shown one, so the whole scan is segmented.
+    ``corrections``: (labels, known) on the volume's grid; they win where known."""
+    _check_model(model)
+    if not isinstance(volume, Volume) or volume.n_phases is not None:
+        raise InvalidInputError("segment_slice() takes a 3D Volume (one phase of a cine)")
+    z = int(z)
+    if not 0 <= z < volume.shape[0]:
+        raise InvalidInputError(f"slice {z} out of range for a volume of {volume.shape[0]} slices")
+    if model.spatial_dims != 2 or not np.array_equal(model_view(model, volume).ornt, volume.geometry.ornt):
+        return segment(model, volume, device=device, corrections=corrections).data[z]
+    prepared = prepare(model, volume)
+    prepared.data = prepared.data[z:z + 1]
+    labels = infer(model, prepared, device=device).labels[0]
+    if corrections is not None:
+        painted, known = _phase_corrections(volume, corrections, None)
+        labels = apply_corrections(labels, painted[z], known[z])
+    return labels
+
+
 def apply_corrections(prediction: np.ndarray, labels: np.ndarray, known: np.ndarray) -> np.ndarray:
     """The user's ``labels`` where ``known``, the ``prediction`` elsewhere (in the prediction's dtype)."""
     return np.where(np.asarray(known, bool), labels, prediction).astype(prediction.dtype, copy=False)

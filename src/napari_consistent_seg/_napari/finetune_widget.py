@@ -13,7 +13,7 @@ from napari.layers import Labels
 from qtpy.QtWidgets import QFormLayout, QLabel, QLineEdit, QWidget
 
 from ..errors import ConsistentSegError
-from ..inference import model_view, predict_volume, segment
+from ..inference import segment, segment_slice
 from ..models.store import load_model, save_user_model
 from ..training.finetune import DEFAULTS, Finetuner, merge_corrections, model_slices, whole_slice_known
 from ._widget_common import (
@@ -203,7 +203,6 @@ class FinetuneWidget(QWidget):
             model = start_model or load_model(model_choice, device="cpu")
             # the model learns from slices in its own plane (the scan's own for a cardiac model)
             (image, painted, known_slices), spacing = model_slices(model, volume, volume.data, labels, known)
-            own_plane = np.array_equal(model_view(model, volume).ornt, volume.geometry.ornt)
             tuner = Finetuner(model, image, painted, known_slices, spacing_mm=spacing, modality=modality,
                               device=device, method=method)
             yield "ready", tuner
@@ -214,12 +213,7 @@ class FinetuneWidget(QWidget):
                 preview = None
                 if every and (step % every == 0 or step == steps):
                     z = self._preview_z[0]
-                    if own_plane:  # one slice
-                        shown = predict_volume(tuner.model, volume.data, spacing_mm=volume.spacing_mm,
-                                               modality=modality, device=device, slices=[z]).labels[0]
-                    else:  # the shown slice cuts every slice of the model's plane: the whole scan
-                        shown = segment(tuner.model, volume, device=device, corrections=(labels, known)).data[z]
-                    preview = z, shown
+                    preview = z, segment_slice(tuner.model, volume, z, device=device, corrections=(labels, known))
                 yield "step", (step, steps, float(stats["loss"]), tuner.elapsed_s, budget_s, preview)
                 if budget_s and tuner.elapsed_s >= budget_s:
                     break

@@ -142,3 +142,24 @@ def test_cancel_leaves_the_model_and_every_layer_as_they_were(qtbot, tiny_model,
     assert widget.tuner is tuned and widget.steps_done == steps and layer_names(viewer) == layers
     np.testing.assert_array_equal(widget.preview_layer.data, preview)
     assert "as they were" in widget.runner.status.text()
+
+
+def test_method_and_steps_start_at_the_chosen_models_recipe(qtbot, tiny_model, user_model_dir):  # noqa: F811
+    """A model whose card sets its own fine-tuning recipe: choosing it sets Method and Steps."""
+    import json
+
+    from test_widgets import save_tiny_model
+
+    from napari_consistent_seg.training.finetune import DEFAULTS
+
+    folder = save_tiny_model(user_model_dir, name="tiny-recipe")
+    card = json.loads((folder / "card.json").read_text())
+    card["finetune"] = {"method": "icl", "steps": 25}
+    (folder / "card.json").write_text(json.dumps(card))
+    viewer, image, widget = open_widget(qtbot, FinetuneWidget, tiny_model)
+    assert widget.steps.value() == DEFAULTS["steps"] and widget.method.currentText() == DEFAULTS["method"]
+    widget.inputs.model.refresh()
+    assert widget.inputs.model.select("tiny-recipe")
+    assert widget.steps.value() == 25 and widget.method.currentText() == "icl"
+    assert widget.inputs.model.select(tiny_model)
+    assert widget.steps.value() == DEFAULTS["steps"]

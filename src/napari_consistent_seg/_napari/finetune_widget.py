@@ -14,8 +14,8 @@ from qtpy.QtWidgets import QFormLayout, QLabel, QLineEdit, QWidget
 
 from ..errors import ConsistentSegError
 from ..inference import segment, segment_slice
-from ..models.store import load_model, save_user_model
-from ..training.finetune import DEFAULTS, Finetuner, merge_corrections, model_slices, whole_slice_known
+from ..models.store import load_model, read_card, save_user_model
+from ..training.finetune import DEFAULTS, Finetuner, merge_corrections, model_slices, recipe, whole_slice_known
 from ._widget_common import (
     LayerPicker,
     ModelInputs,
@@ -148,7 +148,19 @@ class FinetuneWidget(QWidget):
             self._record(layer)
         viewer.layers.events.inserted.connect(lambda event: self._record(event.value))
         viewer.layers.events.removed.connect(self._forget)
+        self.inputs.model.combo.currentIndexChanged.connect(self._follow_recipe)
+        self._follow_recipe()
         self._update_buttons()
+
+    def _follow_recipe(self, *_) -> None:
+        """Method and Steps start at the chosen model's recipe (its card's `finetune` over DEFAULTS)."""
+        choice = self.inputs.model.choice()
+        try:
+            chosen = recipe(read_card(choice)) if choice else DEFAULTS
+        except ConsistentSegError:  # an unreadable card: Fine-tune will say why
+            chosen = DEFAULTS
+        self.method.setCurrentText(chosen["method"])
+        self.steps.setValue(int(chosen["steps"]))
 
     def _record(self, layer) -> None:
         if isinstance(layer, Labels) and id(layer) not in self.recorders:

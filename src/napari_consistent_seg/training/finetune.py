@@ -32,11 +32,13 @@ from .data import SliceStream, resample_inplane
 DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anchor_groups": "voxels"}
 
 
-def recipe(model: Model) -> dict:
-    """The fine-tuning recipe of ``model``: DEFAULTS, with what its card's ``finetune`` sets. The
-    shipped cardiac model anchors foreground and background alike with weight 1 (never more than
-    a point worse on 48 cardiac rounds, where the plain anchor 3 lost 2.3 once; docs/training.md)."""
-    return {**DEFAULTS, **model.card.finetune}
+def recipe(model) -> dict:
+    """The fine-tuning recipe of ``model`` (a Model or its ModelCard): DEFAULTS, with what the
+    card's ``finetune`` sets. The shipped cardiac model anchors foreground and background alike
+    with weight 1 (never more than a point worse on 48 cardiac rounds, where the plain anchor 3
+    lost 2.3 once; docs/training.md)."""
+    card = getattr(model, "card", model)
+    return {**DEFAULTS, **card.finetune}
 
 
 def icl_modules_for(model: Model) -> ICLModules:

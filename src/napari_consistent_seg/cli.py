@@ -152,8 +152,10 @@ def cmd_finetune(args) -> int:
     for warning in tuner.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     tuned = tuner.finished_model()
-    # every phase, on the scan's own grid; the painted voxels win, and the clean-up keeps their slices
-    merged = segment(tuned, volume, device=args.device, corrections=(painted, known)).data
+    # every phase, on the scan's own grid; the painted voxels win, the clean-up keeps their slices,
+    # and the classes the corrections do not touch keep the starting model's labels
+    start = segment(model, volume, device=args.device).data
+    merged = segment(tuned, volume, device=args.device, corrections=(painted, known, start)).data
     outdir = Path(args.output)
     outdir.mkdir(parents=True, exist_ok=True)
     target = save_nifti(merged, volume.geometry, outdir / f"{_nifti_stem(Path(args.image))}.nii.gz", is_label=True)

@@ -204,6 +204,11 @@ class FinetuneWidget(QWidget):
             return False
         continuing = self.tuner is not None and self._session.get("model_choice") == model_choice
         start_model = self.tuner.model if continuing else None
+        # the segmentation before any fine-tuning of this scan (else the one of the model this round starts from)
+        same_scan = continuing and self._session.get("image_name") == layer.name
+        start_labels = self._session.get("start_labels") if same_scan else None
+        if start_labels is not None and start_labels.shape != volume.shape:
+            start_labels = None
         steps, budget_s, every = self.steps.value(), self.seconds.value(), self.preview_every.value()
         method = self.method.currentText()
         self._preview_z[0] = current_slice(self.viewer, layer)
@@ -213,11 +218,14 @@ class FinetuneWidget(QWidget):
 
         def task(progress, cancel):
             model = start_model or load_model(model_choice, device="cpu")
+            # the starting model's segmentation: classes the corrections do not touch keep it
+            start = segment(model, volume, device=device).data if start_labels is None else start_labels
+            fixes = (labels, known, start)
             # the model learns from slices in its own plane (the scan's own for a cardiac model)
             (image, painted, known_slices), spacing = model_slices(model, volume, volume.data, labels, known)
             tuner = Finetuner(model, image, painted, known_slices, spacing_mm=spacing, modality=modality,
                               device=device, method=method)
-            yield "ready", tuner
+            yield "ready", (tuner, fixes)
             for step in range(1, steps + 1):
                 if cancel.is_set():
                     break
@@ -225,7 +233,7 @@ class FinetuneWidget(QWidget):
                 preview = None
                 if every and (step % every == 0 or step == steps):
                     z = self._preview_z[0]
-                    preview = z, segment_slice(tuner.model, volume, z, device=device, corrections=(labels, known))
+                    preview = z, segment_slice(tuner.model, volume, z, device=device, corrections=fixes)
                 yield "step", (step, steps, float(stats["loss"]), tuner.elapsed_s, budget_s, preview)
                 if budget_s and tuner.elapsed_s >= budget_s:
                     break
@@ -248,8 +256,10 @@ class FinetuneWidget(QWidget):
     def _on_yielded(self, item) -> None:
         kind, value = item
         if kind == "ready":
-            self._round["new_tuner"] = value
-            for warning in value.warnings:
+            tuner, fixes = value
+            self._round["new_tuner"] = tuner
+            self._session["corrections"], self._session["start_labels"] = fixes, fixes[2]
+            for warning in tuner.warnings:
                 notify(warning, "warning")
             return
         step, steps, loss, elapsed, budget_s, preview = value

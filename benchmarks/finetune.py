@@ -7,7 +7,9 @@ expert labels, in one of these painting modes:
   strokes  brush dabs (disks of radius 3 px, 37 voxels) of the expert label centred on wrong
            voxels of the 3 worst slices, biggest mistakes first, about 300 voxels a slice; the
            voxels under the brush are known (right ones included, as the widget records them),
-           nothing else.
+           nothing else;
+  organ    one structure's boundary fixed on one slice: brush-size-5 dabs on every sixth wrong
+           voxel of the class with the most wrong voxels, on its worst slice (at most 25 dabs).
 Each fine-tuning method then runs one round from the same corrections, and the Dice (mean over
 the classes in the reference) on the voxels that were NOT painted is compared before and after.
 
@@ -74,22 +76,35 @@ corrections from the expert labels and scores the Dice (%, mean over the classes
 one 3D score per case) on the voxels that were **not** painted, before and after.
 
 - **worst2**: the two whole slices where the starting model has the most wrong voxels are painted.
+- **spread2**: two whole slices at a third and two thirds of the range of slices the reference
+  labels (every slice for the abdomen), wherever the model is wrong or right.
 - **strokes**: brush dabs of radius 3 px centred on wrong voxels of the three worst slices, about
   300 voxels a slice, right voxels under the brush included; nothing else is known.
+- **organ**: one structure's boundary fixed on one slice: napari brush-size-5 dabs (21 voxels) on
+  every sixth wrong voxel of the class with the most wrong voxels, on its worst slice, at most 25
+  dabs (a user checking one organ; added on the evening of 2026-11-30, after a kidney corrected
+  this way in napari vanished from the rest of a CT).
 - **default**: each model's recipe (`training.finetune.recipe`: supervised loss on the known voxels
-  + an anchor to the starting model, 60 steps; bf16 forward passes on this CPU). The cardiac model's
-  card anchors the starting model's foreground and background alike with weight 1; the abdomen
-  model keeps the plain anchor (the mean over voxels) with weight 3. Its rows are those of the two
-  methods below that match each model's recipe.
-- **foreground-anchor-1** (run on the evening of 2026-11-30, after the last pipeline changes) and
-  **anchor-3** (every model's default until then; the plain anchor with weight 3), every val case of
-  every set, one torch thread each, two rounds at a time on the 2-core CPU. The anchor-3 cardiac rows
-  were run again after two clean-up changes: the base rule was fixed (it cut the base of
-  end-systolic frames), and a fine-tune's result keeps the slices the user corrected and left LV on
-  (`segment(..., corrections=...)`, as the widget's Accept and the CLI; it is what each round
-  scores; the simulated corrections hold labels only where known); four of them re-run after the
-  transposed convolutions' layout change moved by at most 0.07. **anchor-1**: the plain anchor with
-  weight 1 (the default until the morning of 2026-11-30), run before both clean-up changes, so acdc
+  + an anchor to the starting model, 60 steps; bf16 forward passes on this CPU), scored on what
+  the widget's Accept and `consistent-seg finetune` write: `segment(..., corrections=(labels,
+  known, start))`, the corrections winning where known, the cardiac clean-up keeping the slices the
+  user corrected and left LV on, and the classes the corrections do not touch neither lost nor
+  moved (`inference.apply_corrections`). The cardiac model's card anchors the starting model's
+  foreground and background alike with weight 1; the abdomen model keeps the plain anchor (the
+  mean over voxels) with weight 3. Run on the evening of 2026-11-30 on the current pipeline:
+  every scan read with `load_volume` and fine-tuned through `model_slices` as the widget does,
+  instance norm computed as a group norm; one torch thread each, two rounds at a time.
+- **default without the untouched-class rule**: the same rounds, the same evening, scored without
+  the `start` labels (the Accept of the day before).
+- **classes-anchor-3**: the abdomen model anchored with `anchor_groups="classes"` (each class the
+  starting model sees weighs alike; weight 3), the 12 btcv_ct rounds of three paintings, the same
+  evening on the current code (it holds a kidney corrected by erasing on one slice; docs/training.md).
+- **foreground-anchor-1**, **anchor-3** (every model's default until the evening of 2026-11-30;
+  the plain anchor with weight 3) and **anchor-1** (the plain anchor with weight 1, the default
+  until that morning): run earlier that day on the pipeline of then (mnms2 and Sunnybrook read in
+  the NIfTI's file order, so their rows start from other Dice; instance norm; no untouched-class
+  rule), worst2 and strokes only. The anchor-3 cardiac rows were run again after two clean-up
+  changes (the base rule fixed; the user's LV slices kept); the anchor-1 rows before both, so acdc
   patient030_frame02 shows the first bug there (-37.8 / -24.5).
 - **icl**: the former ICL fine-tuner (ICL's unlabeled terms on the other slices, no anchor);
   **supervised**: supervised loss on the known voxels only, no anchor. Both run on 2026-11-30 after
@@ -102,10 +117,11 @@ one 3D score per case) on the voxels that were **not** painted, before and after
 - Start Dice bands are of the Dice on the unpainted voxels before fine-tuning.
 - Round times are wall seconds of the steps with two rounds sharing the 2 cores; a default round
   alone on a 10-slice scan: `--timing` (docs/training.md).
-- mnms2 and sunnybrook are oblique short-axis scans, read with nibabel and sliced along the
-  NIfTI's third axis. Sunnybrook's labels miss the RV (and the myocardium at ES) and some slices:
+- mnms2 and sunnybrook are oblique short-axis scans; the cardiac model slices them in their
+  acquisition plane. Sunnybrook's labels miss the RV (and the myocardium at ES) and some slices:
   only contoured slices and labeled classes are scored, and voxels the model calls an unlabeled
-  class are left unknown when painting. acdc lost its voxel size upstream (1 mm assumed).
+  class are left unknown when painting (so those classes stay untouched). acdc lost its voxel size
+  upstream (1 mm assumed).
 """
 
 
@@ -175,6 +191,17 @@ def corrections(case: Case, pred: np.ndarray, mode: str, rng) -> tuple[np.ndarra
         else:
             picks = [scored[len(scored) // 3], scored[(2 * len(scored)) // 3]]
         known[picks] = True
+    elif mode == "organ":
+        # one organ's boundary fixed on one slice, as a user who checks one structure would: the
+        # class with the most wrong voxels (scored slices), on its worst slice, brush size 5 dabs
+        # (napari's, 21 voxels) on every 6th of its wrong voxels, at most 25 dabs
+        classes = [c for c in case.scored_classes if c not in unlabeled_classes]
+        per_class = {c: wrong & ((ref == c) | (pred == c)) for c in classes}
+        c = max(classes, key=lambda k: int(per_class[k].sum()))
+        z = int(np.argmax(per_class[c].reshape(len(ref), -1).sum(1)))
+        yy, xx = np.mgrid[:ref.shape[1], :ref.shape[2]]
+        for y, x in np.argwhere(per_class[c][z])[::6][:25]:
+            known[z] |= (yy - y) ** 2 + (xx - x) ** 2 <= 4
     elif mode == "strokes":
         picks = [z for z in np.argsort(-errors, kind="stable") if case.scored_slices[z]][:3]
         disk = np.hypot(*np.mgrid[-3:4, -3:4]) <= 3
@@ -209,7 +236,7 @@ def tuner_for(model, case: Case, labels, known, options: dict) -> Finetuner:
                      device="cpu", **options)
 
 
-def run_round(model, case: Case, labels, known, options: dict, seconds: float | None):
+def run_round(model, case: Case, labels, known, options: dict, seconds: float | None, start: np.ndarray):
     options = dict(options)
     steps = options.pop("steps")
     started = time.monotonic()
@@ -219,7 +246,8 @@ def run_round(model, case: Case, labels, known, options: dict, seconds: float | 
         if seconds and time.monotonic() - started >= seconds:
             break
     tuned_s = time.monotonic() - started
-    pred = segment(tuner.model, case.volume, device="cpu", corrections=(labels, known)).data  # as the widget, the CLI
+    # as the widget's Accept and the CLI: corrections win, untouched classes keep ``start``
+    pred = segment(tuner.model, case.volume, device="cpu", corrections=(labels, known, start)).data
     return pred, tuned_s, tuner.steps_done
 
 
@@ -237,10 +265,11 @@ def time_default_round(threads: int, repeats: int = 2) -> int:
     steps = options.pop("steps")
     for r in range(repeats):
         started = time.monotonic()
+        start = segment(model, case.volume, device="cpu").data  # the widget's round begins with it
         tuner = tuner_for(model, case, labels, known, options)
         for _ in range(steps):
             tuner.step()
-        segment(tuner.model, case.volume, device="cpu", corrections=(labels, known))  # the Accept
+        segment(tuner.model, case.volume, device="cpu", corrections=(labels, known, start))  # the Accept
         whole = time.monotonic() - started
         print(f"round {r + 1}: {steps} steps ({options}) in {tuner.elapsed_s:.1f} s, {whole:.1f} s with set-up "
               f"and the Accept segmentation, on {threads} thread(s); load average {os.getloadavg()[0]:.1f} on "
@@ -259,7 +288,7 @@ def per_case(rows: list[dict]) -> str:
             keys.append((r["set"], r["case"], r["paint"]))
     for key in sorted(keys, key=lambda k: (k[2], k[0], k[1])):
         sel = {r["method"]: r for r in rows if (r["set"], r["case"], r["paint"]) == key}
-        first = next(iter(sel.values()))
+        first = sel.get("default", next(iter(sel.values())))  # the start of the current pipeline where run
         cells = [f"{float(sel[m]['after']) - float(sel[m]['before']):+.1f}" if m in sel else "" for m in methods]
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {first['known_voxels']} | {float(first['before']):.1f} | "
                    + " | ".join(cells) + " |")
@@ -290,7 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--sets", nargs="+", default=["acdc", "mnms2", "sunnybrook", "chaos_t2", "btcv_ct"])
     p.add_argument("--limit", type=int, help="first N val cases of each split-based set")
     p.add_argument("--cases", nargs="*", help="only these case names")
-    p.add_argument("--paint", nargs="+", default=["worst2", "spread2", "strokes"])
+    p.add_argument("--paint", nargs="+", default=["worst2", "spread2", "strokes", "organ"])
     p.add_argument("--methods", nargs="+", default=["default", "icl", "supervised"])
     p.add_argument("--set-option", nargs="*", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a method's option, e.g. default.steps=40")
@@ -337,7 +366,7 @@ def main(argv=None) -> int:
             for name, options in methods.items():
                 if (case.name, paint, name) in done:
                     continue
-                after, secs, steps = run_round(model, case, labels, known, options, args.seconds)
+                after, secs, steps = run_round(model, case, labels, known, options, args.seconds, before)
                 row = {"set": case.set, "case": case.name, "paint": paint, "method": name,
                        "before": f"{start:.2f}", "after": f"{dice_on(after, case.labels, where, case.scored_classes):.2f}",
                        "seconds": f"{secs:.1f}", "steps": steps, "known_voxels": int(known.sum()),

@@ -165,3 +165,6 @@ def test_method_and_steps_start_at_the_chosen_models_recipe(qtbot, tiny_model, u
     assert widget.steps.value() == 25 and widget.method.currentText() == "icl"
     assert widget.inputs.model.select(tiny_model)
     assert widget.steps.value() == DEFAULTS["steps"]
+    widget.steps.setValue(6)
+    widget.inputs.model.refresh()  # the list refills itself when it opens: the user's Steps stay
+    assert widget.steps.value() == 6

@@ -148,15 +148,21 @@ class FinetuneWidget(QWidget):
             self._record(layer)
         viewer.layers.events.inserted.connect(lambda event: self._record(event.value))
         viewer.layers.events.removed.connect(self._forget)
+        self._recipe_of: str | None = None  # the model whose recipe Method and Steps were set from
         self.inputs.model.combo.currentIndexChanged.connect(self._follow_recipe)
         self._follow_recipe()
         self._update_buttons()
 
     def _follow_recipe(self, *_) -> None:
-        """Method and Steps start at the chosen model's recipe (its card's `finetune` over DEFAULTS)."""
+        """Method and Steps start at the chosen model's recipe (its card's `finetune` over DEFAULTS)
+        when another model is chosen; the list refilling itself (as it does when it opens or the
+        widget shows) leaves what the user set."""
         choice = self.inputs.model.choice()
+        if choice is None or choice == self._recipe_of:
+            return
+        self._recipe_of = choice
         try:
-            chosen = recipe(read_card(choice)) if choice else DEFAULTS
+            chosen = recipe(read_card(choice))
         except ConsistentSegError:  # an unreadable card: Fine-tune will say why
             chosen = DEFAULTS
         self.method.setCurrentText(chosen["method"])

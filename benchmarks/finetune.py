@@ -60,6 +60,7 @@ METHODS = {
     "foreground-anchor-1": {**DEFAULTS, "anchor": 1.0, "anchor_groups": "foreground"},
     "foreground-anchor-3": {**DEFAULTS, "anchor_groups": "foreground"},
     "classes-anchor-3": {**DEFAULTS, "anchor_groups": "classes"},
+    "voxels+classes-anchor-3": {**DEFAULTS, "anchor_groups": "voxels+classes"},
     "anchor-1": {**DEFAULTS, "anchor": 1.0},  # the default until the morning of 2026-11-30
     "icl": {"method": "icl", "anchor": 0.0, "steps": 60},  # the fine-tuner before issue 13
     "supervised": {"method": "supervised", "anchor": 0.0, "steps": 60},
@@ -101,6 +102,8 @@ one 3D score per case) on the voxels that were **not** painted, before and after
 - **classes-anchor-3**: the abdomen model anchored with `anchor_groups="classes"` (each class the
   starting model sees weighs alike; weight 3), the 12 btcv_ct rounds of three paintings, the same
   evening on the current code (it holds a kidney corrected by erasing on one slice; docs/training.md).
+- **voxels+classes-anchor-3**: the abdomen model anchored with the mean of the plain and the
+  per-class terms (`anchor_groups="voxels+classes"`, weight 3), its 28 rounds, the same evening.
 - **foreground-anchor-3**: the abdomen model anchored with `anchor_groups="foreground"` (organs
   and background weigh alike; weight 3), its 28 rounds of four paintings, the same evening on the
   current code.

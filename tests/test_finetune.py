@@ -247,7 +247,9 @@ def test_anchor_groups_weigh_what_the_teacher_sees_alike():
     balanced = float(anchor_loss(student, teacher, where, "classes"))
     assert balanced == pytest.approx(plain * 100 / 2 / 2, rel=1e-5)  # organ mean, background 0, over 2 classes
     assert float(anchor_loss(student, teacher, where, "foreground")) == pytest.approx(balanced, rel=1e-5)
-    for groups in ("classes", "foreground"):
+    both = float(anchor_loss(student, teacher, where, "voxels+classes"))
+    assert both == pytest.approx((plain + balanced) / 2, rel=1e-5)
+    for groups in ("classes", "foreground", "voxels+classes"):
         assert float(anchor_loss(teacher, teacher, where, groups)) == pytest.approx(0.0, abs=1e-6)
         assert float(anchor_loss(student, teacher, torch.zeros_like(where), groups)) == 0
     with pytest.raises(ConsistentSegError, match="anchor groups"):

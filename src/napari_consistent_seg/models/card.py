@@ -46,7 +46,7 @@ _JSON_NAMES = {str: "text", dict: "an object", list: "a list", None: "null"}
 
 #: How the fine-tuner's anchor averages its KL term: over all unknown voxels ("voxels"), over the
 #: starting model's foreground and background alike ("foreground"), or over each class alike ("classes").
-ANCHOR_GROUPS = ("voxels", "foreground", "classes")
+ANCHOR_GROUPS = ("voxels", "foreground", "classes", "voxels+classes")
 #: Fine-tuning methods: the supervised loss on the corrections, or that plus ICL's unlabeled terms.
 FINETUNE_METHODS = ("supervised", "icl")
 #: The fine-tuning recipe a card may set for its model (``finetune``), over training.finetune.DEFAULTS.

@@ -89,8 +89,12 @@ def anchor_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, where: torch
     """KL(teacher || student) per voxel over the voxels of ``where`` (B, H, W) bool. ``groups``:
     "voxels", their mean; "foreground", the mean of the means over the voxels the teacher calls
     foreground and background (so a heart weighs as much as the chest around it); "classes", the
-    mean over classes of the means over the voxels the teacher gives each class."""
+    mean over classes of the means over the voxels the teacher gives each class; "voxels+classes",
+    the mean of the "voxels" and "classes" terms."""
     _check_anchor_groups(groups)
+    if groups == "voxels+classes":
+        return 0.5 * (anchor_loss(logits, teacher_logits, where, "voxels")
+                      + anchor_loss(logits, teacher_logits, where, "classes"))
     t = teacher_logits.log_softmax(1)
     kl = (t.exp() * (t - logits.log_softmax(1))).sum(1)
     called = teacher_logits.argmax(1)

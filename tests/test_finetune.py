@@ -321,3 +321,24 @@ def test_the_preview_slice_is_the_slice_segment_gives(tiny_model_path):
         assert (shown[3:7, 2:6] == 1).all()
     with pytest.raises(InvalidInputError, match="out of range"):
         segment_slice(model, axial, 6)
+
+
+def test_the_preview_slice_of_a_cine_is_the_phase_slice_segment_gives(tiny_model_path):
+    """A cine's preview: the phase shown is asked for, and the slice is segment's slice of it."""
+    from napari_consistent_seg.errors import InvalidInputError
+    from napari_consistent_seg.inference import segment, segment_slice
+    from napari_consistent_seg.io.volume import Volume
+
+    model = load_model(tiny_model_path)
+    data = np.random.default_rng(2).normal(500, 100, (3, 4, 24, 20)).astype(np.float32)
+    cine = Volume(data, Geometry.from_spacing((6.0, 1.5, 1.5), (4, 24, 20)), name="cine", modality="MR")
+    painted, known = np.zeros(cine.shape, np.uint8), np.zeros(cine.shape, bool)
+    known[0, 1, 3:7, 2:6] = True
+    painted[known] = 1
+    start = segment(model, cine).data
+    whole = segment(model, cine, corrections=(painted, known, start)).data
+    for t in range(3):
+        shown = segment_slice(model, cine, 1, phase=t, corrections=(painted, known, start))
+        np.testing.assert_array_equal(shown, whole[t, 1])
+    with pytest.raises(InvalidInputError, match="phase"):
+        segment_slice(model, cine, 1)

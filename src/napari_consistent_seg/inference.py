@@ -639,27 +639,36 @@ def segment(
     return volume.with_data(labels, name=f"{volume.name} labels", is_label=True, meta=meta)
 
 
-def segment_slice(model: Model, volume: Volume, z: int, *, device=None, corrections=None) -> np.ndarray:
-    """Slice ``z`` (the volume's axis 0, the slice napari shows) as :func:`segment` labels it: a
-    fine-tune preview. When a 2D model slices in the volume's own plane only that slice runs,
-    normalised as the whole volume, without the post-processing that needs the whole volume;
-    otherwise each of the model's slices crosses the shown one, so the whole scan is segmented.
-    ``corrections``: (labels, known[, start]) on the volume's grid, as :func:`segment`'s."""
+def segment_slice(model: Model, volume: Volume, z: int, *, phase: int | None = None, device=None,
+                  corrections=None) -> np.ndarray:
+    """Slice ``z`` (the volume's axis 0, the slice napari shows; of ``phase`` for a cine) as
+    :func:`segment` labels it: a fine-tune preview. When a 2D model slices in the volume's own
+    plane only that slice runs, normalised as the whole volume (phase), without the
+    post-processing that needs the whole volume; otherwise each of the model's slices crosses the
+    shown one, so the whole volume (phase) is segmented. ``corrections``: (labels, known[, start])
+    on the volume's grid, as :func:`segment`'s (a cine's classes count as touched over every phase)."""
     _check_model(model)
-    if not isinstance(volume, Volume) or volume.n_phases is not None:
-        raise InvalidInputError("segment_slice() takes a 3D Volume (one phase of a cine)")
+    if not isinstance(volume, Volume):
+        raise InvalidInputError(f"segment_slice() takes a Volume, got {type(volume).__name__}")
+    fixes = touched = None
+    if corrections is not None:
+        fixes = _phase_corrections(volume, corrections, None)
+        touched = touched_classes(*fixes)
+    if volume.n_phases is not None:
+        if phase is None or not 0 <= int(phase) < volume.n_phases:
+            raise InvalidInputError(f"a cine of {volume.n_phases} phases: say which phase to preview (phase=t)")
+        volume = volume.phase(int(phase))
+        fixes = None if fixes is None else tuple(a[int(phase)] for a in fixes)
     z = int(z)
     if not 0 <= z < volume.shape[0]:
         raise InvalidInputError(f"slice {z} out of range for a volume of {volume.shape[0]} slices")
     if model.spatial_dims != 2 or not np.array_equal(model_view(model, volume).ornt, volume.geometry.ornt):
-        return segment(model, volume, device=device, corrections=corrections).data[z]
+        labels = segment(model, volume, device=device, corrections=fixes[:2] if fixes else None).data[z]
+        return labels if fixes is None else apply_corrections(labels, *(a[z] for a in fixes), touched=touched)
     prepared = prepare(model, volume)
     prepared.data = prepared.data[z:z + 1]
     labels = infer(model, prepared, device=device).labels[0]
-    if corrections is not None:
-        fixes = _phase_corrections(volume, corrections, None)
-        labels = apply_corrections(labels, *(a[z] for a in fixes), touched=touched_classes(*fixes))
-    return labels
+    return labels if fixes is None else apply_corrections(labels, *(a[z] for a in fixes), touched=touched)
 
 
 def touched_classes(labels: np.ndarray, known: np.ndarray, start: np.ndarray | None = None) -> list[int] | None:

@@ -22,6 +22,7 @@ from ._widget_common import (
     add_labels_layer,
     button,
     combo,
+    current_phase,
     current_slice,
     grid_kwargs,
     notify,
@@ -142,7 +143,7 @@ class FinetuneWidget(QWidget):
         self._before_accept: np.ndarray | None = None  # the corrected layer before the first Accept
         self._session: dict = {}
         self._round: dict = {}
-        self._preview_z = [0]  # read by the worker: the slice shown when the last step ended
+        self._preview_at = [(None, 0)]  # read by the worker: (phase or None, slice) shown when the last step ended
         self.recorders: dict[int, EditRecorder] = {}
         for layer in viewer.layers:
             self._record(layer)
@@ -217,9 +218,9 @@ class FinetuneWidget(QWidget):
             start_labels = None
         steps, budget_s, every = self.steps.value(), self.seconds.value(), self.preview_every.value()
         method = self.method.currentText()
-        self._preview_z[0] = current_slice(self.viewer, layer)
+        self._preview_at[0] = (current_phase(self.viewer, layer), current_slice(self.viewer, layer))
         session = {"model_choice": model_choice, "volume": volume, "modality": modality, "device": device,
-                   "grid": grid_kwargs(layer), "image_name": layer.name, "layer": painted_layer,
+                   "grid": grid_kwargs(layer, volume.data.ndim), "image_name": layer.name, "layer": painted_layer,
                    "corrections": (labels, known)}
 
         def task(progress, cancel):
@@ -238,8 +239,9 @@ class FinetuneWidget(QWidget):
                 stats = tuner.step()
                 preview = None
                 if every and (step % every == 0 or step == steps):
-                    z = self._preview_z[0]
-                    preview = z, segment_slice(tuner.model, volume, z, device=device, corrections=fixes)
+                    t, z = self._preview_at[0]
+                    preview = (t, z), segment_slice(tuner.model, volume, z, phase=t, device=device,
+                                                    corrections=fixes)
                 yield "step", (step, steps, float(stats["loss"]), tuner.elapsed_s, budget_s, preview)
                 if budget_s and tuner.elapsed_s >= budget_s:
                     break
@@ -276,18 +278,19 @@ class FinetuneWidget(QWidget):
         self.loss.setText(f"step {step}/{steps} · loss {loss:.4f} · {elapsed:.0f} s")
         image = self.inputs.image.layer()
         if image is not None and image.name == self._session["image_name"]:
-            self._preview_z[0] = current_slice(self.viewer, image)
+            self._preview_at[0] = (current_phase(self.viewer, image), current_slice(self.viewer, image))
         if preview is not None:
             self._show_preview(*preview)
 
-    def _show_preview(self, z: int, labels: np.ndarray) -> None:
+    def _show_preview(self, at: tuple[int | None, int], labels: np.ndarray) -> None:
         if self.preview_layer is None or self.preview_layer not in self.viewer.layers:
             model = self._round["new_tuner"].model
             empty = np.zeros(self._session["volume"].data.shape, np.uint8)
             self.preview_layer = add_labels_layer(
                 self.viewer, empty, self._session["grid"], model.classes, model.colours,
                 f"{self._session['image_name']} fine-tune preview", opacity=0.5)
-        self.preview_layer.data[z] = labels
+        t, z = at
+        self.preview_layer.data[z if t is None else (t, z)] = labels
         self.preview_layer.refresh()
 
     def _on_finished(self) -> None:

@@ -88,7 +88,7 @@ def test_correct_in_place_fine_tune_accept_revert_and_save(qtbot, tiny_model, me
     assert widget.steps_done == 3 and len(widget.losses) == 3 and widget.accept_button.isEnabled()
     assert widget.tuner.known_voxels == 27 and widget.tuner.method == "supervised"
     assert widget.preview_layer is not None and widget.preview_layer.data.shape == image.data.shape
-    start = widget._session["start_labels"]  # the starting model's segmentation: untouched classes keep it
+    start = widget._session["corrections"][2]  # the starting model's segmentation: untouched classes keep it
     assert start.shape == image.data.shape and len(widget._session["corrections"]) == 3
     np.testing.assert_array_equal(seg.data, corrected)  # nothing written before Accept
     assert widget.accept()

@@ -597,11 +597,12 @@ def segment(
     labels = np.zeros(volume.shape, np.uint8)
     probabilities = None
     warnings: list[str] = []
-    touched = None if corrections is None else touched_classes(*_phase_corrections(volume, corrections, None))
+    every = None if corrections is None else _checked_corrections(volume, corrections)
+    touched = None if every is None else touched_classes(*every)
     for index, t in enumerate(chosen):
         prepared = prepare(model, volume if t is None else volume.phase(t))
         n_slices = prepared.data.shape[0]
-        fixes = None if corrections is None else _phase_corrections(volume, corrections, t)
+        fixes = every if every is None or t is None else tuple(a[t] for a in every)
 
         def phase_progress(done, total, offset=index * n_slices, n=n_slices):
             if progress is not None:
@@ -650,22 +651,24 @@ def segment_slice(model: Model, volume: Volume, z: int, *, phase: int | None = N
     _check_model(model)
     if not isinstance(volume, Volume):
         raise InvalidInputError(f"segment_slice() takes a Volume, got {type(volume).__name__}")
-    fixes = touched = None
-    if corrections is not None:
-        fixes = _phase_corrections(volume, corrections, None)
-        touched = touched_classes(*fixes)
+    t = None
     if volume.n_phases is not None:
         if phase is None or not 0 <= int(phase) < volume.n_phases:
             raise InvalidInputError(f"a cine of {volume.n_phases} phases: say which phase to preview (phase=t)")
-        volume = volume.phase(int(phase))
-        fixes = None if fixes is None else tuple(a[int(phase)] for a in fixes)
+        t = int(phase)
+    shown = volume if t is None else volume.phase(t)
     z = int(z)
-    if not 0 <= z < volume.shape[0]:
-        raise InvalidInputError(f"slice {z} out of range for a volume of {volume.shape[0]} slices")
-    if model.spatial_dims != 2 or not np.array_equal(model_view(model, volume).ornt, volume.geometry.ornt):
-        labels = segment(model, volume, device=device, corrections=fixes[:2] if fixes else None).data[z]
-        return labels if fixes is None else apply_corrections(labels, *(a[z] for a in fixes), touched=touched)
-    prepared = prepare(model, volume)
+    if not 0 <= z < shown.shape[0]:
+        raise InvalidInputError(f"slice {z} out of range for a volume of {shown.shape[0]} slices")
+    if model.spatial_dims != 2 or not np.array_equal(model_view(model, shown).ornt, shown.geometry.ornt):
+        labels = segment(model, volume, phases=None if t is None else [t], device=device, corrections=corrections).data
+        return labels[z] if t is None else labels[t, z]
+    fixes = touched = None
+    if corrections is not None:
+        every = _checked_corrections(volume, corrections)
+        touched = touched_classes(*every)
+        fixes = every if t is None else tuple(a[t] for a in every)
+    prepared = prepare(model, shown)
     prepared.data = prepared.data[z:z + 1]
     labels = infer(model, prepared, device=device).labels[0]
     return labels if fixes is None else apply_corrections(labels, *(a[z] for a in fixes), touched=touched)
@@ -706,17 +709,16 @@ def apply_corrections(prediction: np.ndarray, labels: np.ndarray, known: np.ndar
     return out
 
 
-def _phase_corrections(volume: Volume, corrections, t) -> tuple[np.ndarray, ...]:
-    """(labels, known[, start]) of ``corrections`` for phase ``t`` (None: a 3D scan, or every phase),
-    checked against the grid."""
+def _checked_corrections(volume: Volume, corrections) -> tuple[np.ndarray, ...]:
+    """(labels, known[, start]) of ``corrections`` as arrays (known as bool), checked against the grid."""
     if len(corrections) not in (2, 3):
         raise InvalidInputError("corrections are (labels, known) or (labels, known, start labels)")
     arrays = [np.asarray(a) for a in corrections]
     if any(a.shape != volume.shape for a in arrays):
         raise ShapeMismatchError(f"corrections of shape {' / '.join(str(a.shape) for a in arrays)} do not lie on "
                                  f"the scan's grid {volume.shape}")
-    arrays[1] = arrays[1].astype(bool)
-    return tuple(arrays) if t is None else tuple(a[t] for a in arrays)
+    arrays[1] = arrays[1].astype(bool, copy=False)
+    return tuple(arrays)
 
 
 @dataclass

@@ -213,15 +213,14 @@ class FinetuneWidget(QWidget):
         start_model = self.tuner.model if continuing else None
         # the segmentation before any fine-tuning of this scan (else the one of the model this round starts from)
         same_scan = continuing and self._session.get("image_name") == layer.name
-        start_labels = self._session.get("start_labels") if same_scan else None
+        start_labels = self._session["corrections"][2] if same_scan else None
         if start_labels is not None and start_labels.shape != volume.shape:
             start_labels = None
         steps, budget_s, every = self.steps.value(), self.seconds.value(), self.preview_every.value()
         method = self.method.currentText()
         self._preview_at[0] = (current_phase(self.viewer, layer), current_slice(self.viewer, layer))
         session = {"model_choice": model_choice, "volume": volume, "modality": modality, "device": device,
-                   "grid": grid_kwargs(layer, volume.data.ndim), "image_name": layer.name, "layer": painted_layer,
-                   "corrections": (labels, known)}
+                   "grid": grid_kwargs(layer, volume.data.ndim), "image_name": layer.name, "layer": painted_layer}
 
         def task(progress, cancel):
             model = start_model or load_model(model_choice, device="cpu")
@@ -266,7 +265,7 @@ class FinetuneWidget(QWidget):
         if kind == "ready":
             tuner, fixes = value
             self._round["new_tuner"] = tuner
-            self._session["corrections"], self._session["start_labels"] = fixes, fixes[2]
+            self._session["corrections"] = fixes  # (labels, known, the starting segmentation)
             for warning in tuner.warnings:
                 notify(warning, "warning")
             return

@@ -45,7 +45,8 @@ _JSON_NAMES = {str: "text", dict: "an object", list: "a list", None: "null"}
 
 
 #: How the fine-tuner's anchor averages its KL term: over all unknown voxels ("voxels"), over the
-#: starting model's foreground and background alike ("foreground"), or over each class alike ("classes").
+#: starting model's foreground and background alike ("foreground"), over each class alike
+#: ("classes"), or the mean of the first and the last ("voxels+classes").
 ANCHOR_GROUPS = ("voxels", "foreground", "classes", "voxels+classes")
 #: Fine-tuning methods: the supervised loss on the corrections, or that plus ICL's unlabeled terms.
 FINETUNE_METHODS = ("supervised", "icl")
@@ -311,7 +312,7 @@ class ModelCard:
             if not ok:
                 raise _error(f"'finetune.{key}' must be {'text' if kind is str else 'a number'}, got {value!r}")
         if recipe.get("method", "supervised") not in FINETUNE_METHODS:
-            raise _error(f"'finetune.method' must be supervised or icl, got {recipe['method']!r}")
+            raise _error(f"'finetune.method' must be one of {', '.join(FINETUNE_METHODS)}, got {recipe['method']!r}")
         if recipe.get("anchor_groups", "voxels") not in ANCHOR_GROUPS:
             raise _error(f"'finetune.anchor_groups' must be one of {', '.join(ANCHOR_GROUPS)}, "
                          f"got {recipe['anchor_groups']!r}")

@@ -9,7 +9,10 @@ expert labels, in one of these painting modes:
            voxels under the brush are known (right ones included, as the widget records them),
            nothing else;
   organ    one structure's boundary fixed on one slice: brush-size-5 dabs on every sixth wrong
-           voxel of the class with the most wrong voxels, on its worst slice (at most 25 dabs).
+           voxel of the class with the most wrong voxels, on its worst slice (at most 25 dabs);
+  erase    one structure's leak into background erased on one slice: eraser dabs (size 5) on
+           every sixth voxel the model gives the class that leaks most and the reference calls
+           background, on its worst slice (at most 25 dabs; only background voxels count as known).
 Each fine-tuning method then runs one round from the same corrections, and the Dice (mean over
 the classes in the reference) on the voxels that were NOT painted is compared before and after.
 
@@ -56,16 +59,16 @@ CHAOS_MAP = {1: 1, 4: 2, 2: 3, 3: 4}
 #: the model card may set: the cardiac model anchors foreground and background alike with weight 1).
 METHODS = {
     "default": {"steps": DEFAULTS["steps"]},
-    "anchor-3": dict(DEFAULTS),  # every model's default until the evening of 2026-11-30
-    "foreground-anchor-1": {**DEFAULTS, "anchor": 1.0, "anchor_groups": "foreground"},
-    "foreground-anchor-3": {**DEFAULTS, "anchor_groups": "foreground"},
-    "classes-anchor-3": {**DEFAULTS, "anchor_groups": "classes"},
-    "voxels+classes-anchor-3": {**DEFAULTS, "anchor_groups": "voxels+classes"},
-    "anchor-1": {**DEFAULTS, "anchor": 1.0},  # the default until the morning of 2026-11-30
-    "icl": {"method": "icl", "anchor": 0.0, "steps": 60},  # the fine-tuner before issue 13
-    "supervised": {"method": "supervised", "anchor": 0.0, "steps": 60},
-    "icl+anchor": {"method": "icl", "anchor": 1.0, "steps": 60},
-    "icl+anchor+conf": {"method": "icl", "anchor": 1.0, "steps": 60, "confidence_threshold": 0.95},
+    "anchor-3": {**DEFAULTS, "blend": 1.0},  # every model's default until the evening of 2026-11-30
+    "foreground-anchor-1": {**DEFAULTS, "anchor": 1.0, "anchor_groups": "foreground", "blend": 1.0},
+    "foreground-anchor-3": {**DEFAULTS, "anchor_groups": "foreground", "blend": 1.0},
+    "classes-anchor-3": {**DEFAULTS, "anchor_groups": "classes", "blend": 1.0},
+    "voxels+classes-anchor-3": {**DEFAULTS, "anchor_groups": "voxels+classes", "blend": 1.0},
+    "anchor-1": {**DEFAULTS, "anchor": 1.0, "blend": 1.0},  # the default until the morning of 2026-11-30
+    "icl": {"method": "icl", "anchor": 0.0, "steps": 60, "blend": 1.0},  # the fine-tuner before issue 13
+    "supervised": {"method": "supervised", "anchor": 0.0, "steps": 60, "blend": 1.0},
+    "icl+anchor": {"method": "icl", "anchor": 1.0, "steps": 60, "blend": 1.0},
+    "icl+anchor+conf": {"method": "icl", "anchor": 1.0, "steps": 60, "confidence_threshold": 0.95, "blend": 1.0},
 }
 
 
@@ -87,16 +90,26 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   every sixth wrong voxel of the class with the most wrong voxels, on its worst slice, at most 25
   dabs (a user checking one organ; added on the evening of 2026-11-30, after a kidney corrected
   this way in napari vanished from the rest of a CT).
+- **erase**: one structure's leak into background erased on one slice: napari eraser dabs (brush
+  size 5) on every sixth voxel the starting model gives the class that leaks most where the
+  reference has background, on its worst slice, at most 25 dabs; only the voxels under the eraser
+  that the reference calls background count as known (a careful user). Corrections of one sign
+  only, as with the kidney above (added on 2026-11-30, late evening).
 - **default**: each model's recipe (`training.finetune.recipe`: supervised loss on the known voxels
-  + an anchor to the starting model, 60 steps; bf16 forward passes on this CPU), scored on what
+  + an anchor to the starting model, 60 steps; bf16 forward passes on this CPU; the result's weights
+  the starting ones plus half the change the steps made, `blend` 0.5), scored on what
   the widget's Accept and `consistent-seg finetune` write: `segment(..., corrections=(labels,
   known, start))`, the corrections winning where known, the cardiac clean-up keeping the slices the
   user corrected and left LV on, and the classes the corrections do not touch neither lost nor
   moved (`inference.apply_corrections`). The cardiac model's card anchors the starting model's
   foreground and background alike with weight 1; the abdomen model keeps the plain anchor (the
-  mean over voxels) with weight 3. Run on the evening of 2026-11-30 on the current pipeline:
-  every scan read with `load_volume` and fine-tuned through `model_slices` as the widget does,
-  instance norm computed as a group norm; one torch thread each, two rounds at a time.
+  mean over voxels) with weight 3. Run late on the evening of 2026-11-30 on the current code
+  (`--methods default --blends 0.5 0.6 0.7 0.85 1.0`): every scan read with `load_volume` and
+  fine-tuned through `model_slices` as the widget does; one torch thread each, two rounds at a time.
+- **default, blend B**: the same rounds (the same training), the weights blended at share B
+  instead (B = 1: the trained weights themselves, the default before `blend`).
+- **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings),
+  run on the same code but for the blend: it gives `default, blend 1` exactly, round by round.
 - **default without the untouched-class rule**: the same rounds, the same evening, scored without
   the `start` labels (the Accept of the day before).
 - **classes-anchor-3**: the abdomen model anchored with `anchor_groups="classes"` (each class the
@@ -210,6 +223,18 @@ def corrections(case: Case, pred: np.ndarray, mode: str, rng) -> tuple[np.ndarra
         yy, xx = np.mgrid[:ref.shape[1], :ref.shape[2]]
         for y, x in np.argwhere(per_class[c][z])[::6][:25]:
             known[z] |= (yy - y) ** 2 + (xx - x) ** 2 <= 4
+    elif mode == "erase":
+        # one class's over-segmentation into background erased on one slice, as a user who cleans
+        # up a leak would: the class with most voxels the reference calls background, on its worst
+        # slice, eraser dabs (brush size 5) on every sixth such voxel, at most 25; only voxels the
+        # reference calls background count as erased (a careful user)
+        classes = [c for c in case.scored_classes if c not in unlabeled_classes]
+        per_class = {c: wrong & (pred == c) & (ref == 0) for c in classes}
+        c = max(classes, key=lambda k: int(per_class[k].sum()))
+        z = int(np.argmax(per_class[c].reshape(len(ref), -1).sum(1)))
+        yy, xx = np.mgrid[:ref.shape[1], :ref.shape[2]]
+        for y, x in np.argwhere(per_class[c][z])[::6][:25]:
+            known[z] |= ((yy - y) ** 2 + (xx - x) ** 2 <= 4) & (ref[z] == 0)
     elif mode == "strokes":
         picks = [z for z in np.argsort(-errors, kind="stable") if case.scored_slices[z]][:3]
         disk = np.hypot(*np.mgrid[-3:4, -3:4]) <= 3
@@ -244,7 +269,10 @@ def tuner_for(model, case: Case, labels, known, options: dict) -> Finetuner:
                      device="cpu", **options)
 
 
-def run_round(model, case: Case, labels, known, options: dict, seconds: float | None, start: np.ndarray):
+def run_round(model, case: Case, labels, known, options: dict, seconds: float | None, start: np.ndarray,
+              blends=(None,)):
+    """One round; for each share of ``blends`` (None: the round's own ``blend``), the segmentation
+    the widget's Accept and the CLI write with the weights blended so (one training serves all)."""
     options = dict(options)
     steps = options.pop("steps")
     started = time.monotonic()
@@ -255,8 +283,9 @@ def run_round(model, case: Case, labels, known, options: dict, seconds: float | 
             break
     tuned_s = time.monotonic() - started
     # as the widget's Accept and the CLI: corrections win, untouched classes keep ``start``
-    pred = segment(tuner.model, case.volume, device="cpu", corrections=(labels, known, start)).data
-    return pred, tuned_s, tuner.steps_done
+    preds = [segment(tuner.model if b is None else tuner.blended(b), case.volume, device="cpu",
+                     corrections=(labels, known, start)).data for b in blends]
+    return preds, tuned_s, tuner.steps_done
 
 
 def time_default_round(threads: int, repeats: int = 2) -> int:
@@ -327,11 +356,14 @@ def main(argv=None) -> int:
     p.add_argument("--sets", nargs="+", default=["acdc", "mnms2", "sunnybrook", "chaos_t2", "btcv_ct"])
     p.add_argument("--limit", type=int, help="first N val cases of each split-based set")
     p.add_argument("--cases", nargs="*", help="only these case names")
-    p.add_argument("--paint", nargs="+", default=["worst2", "spread2", "strokes", "organ"])
+    p.add_argument("--paint", nargs="+", default=["worst2", "spread2", "strokes", "organ", "erase"])
     p.add_argument("--methods", nargs="+", default=["default", "icl", "supervised"])
     p.add_argument("--set-option", nargs="*", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a method's option, e.g. default.steps=40")
     p.add_argument("--seconds", type=float, help="stop each round after this many seconds")
+    p.add_argument("--blends", nargs="+", type=float,
+                   help="score each round's weights blended at these shares too (one row each, method "
+                        "'NAME, blend B' unless B is the method's own)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--csv", type=Path, help="append one row per round here (rows already there are skipped)")
     p.add_argument("--markdown", type=Path, help="write the summary table here")
@@ -372,24 +404,30 @@ def main(argv=None) -> int:
             where = ~known & case.scored_slices[:, None, None]
             start = dice_on(before, case.labels, where, case.scored_classes)
             for name, options in methods.items():
-                if (case.name, paint, name) in done:
+                own = {**recipe(model), **options}["blend"]
+                blends = sorted(set(args.blends or []) | {own})
+                names = {b: name if b == own else f"{name}, blend {b:g}" for b in blends}
+                if all((case.name, paint, n) in done for n in names.values()):
                     continue
-                after, secs, steps = run_round(model, case, labels, known, options, args.seconds, before)
-                row = {"set": case.set, "case": case.name, "paint": paint, "method": name,
-                       "before": f"{start:.2f}", "after": f"{dice_on(after, case.labels, where, case.scored_classes):.2f}",
-                       "seconds": f"{secs:.1f}", "steps": steps, "known_voxels": int(known.sum()),
-                       "options": json.dumps({**recipe(model), **options}, sort_keys=True)}
-                rows.append(row)
-                print(f"{case.set:10s} {case.name:20s} {paint:8s} {name:16s} {row['before']:>6s} -> "
-                      f"{row['after']:>6s}  {secs:5.1f} s", flush=True)
-                if args.csv:
-                    new = not args.csv.is_file()
-                    args.csv.parent.mkdir(parents=True, exist_ok=True)
-                    with args.csv.open("a", newline="") as f:
-                        writer = csv.DictWriter(f, fieldnames=fields)
-                        if new:
-                            writer.writeheader()
-                        writer.writerow(row)
+                preds, secs, steps = run_round(model, case, labels, known, options, args.seconds, before, blends)
+                for b, after in zip(blends, preds):
+                    if (case.name, paint, names[b]) in done:
+                        continue
+                    row = {"set": case.set, "case": case.name, "paint": paint, "method": names[b],
+                           "before": f"{start:.2f}", "after": f"{dice_on(after, case.labels, where, case.scored_classes):.2f}",
+                           "seconds": f"{secs:.1f}", "steps": steps, "known_voxels": int(known.sum()),
+                           "options": json.dumps({**recipe(model), **options, "blend": b}, sort_keys=True)}
+                    rows.append(row)
+                    print(f"{case.set:10s} {case.name:20s} {paint:8s} {names[b]:22s} {row['before']:>6s} -> "
+                          f"{row['after']:>6s}  {secs:5.1f} s", flush=True)
+                    if args.csv:
+                        new = not args.csv.is_file()
+                        args.csv.parent.mkdir(parents=True, exist_ok=True)
+                        with args.csv.open("a", newline="") as f:
+                            writer = csv.DictWriter(f, fieldnames=fields)
+                            if new:
+                                writer.writeheader()
+                            writer.writerow(row)
     return write_summary(rows, args.markdown, args.benchmarks_md)
 
 

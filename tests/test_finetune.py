@@ -1,5 +1,6 @@
 """Fine-tuning core and CLI: labels plus a known mask, the anchor, rounds, merging, `consistent-seg finetune`."""
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -114,7 +115,7 @@ def test_icl_finetuner_keeps_the_old_whole_slice_behaviour(tiny_model_path):
     painted = np.zeros_like(truth)
     painted[1] = truth[1]
     tuner = ICLFinetuner(model, image, painted, batch_size=2)
-    assert tuner.method == "icl" and tuner.anchor == 0 and tuner.painted_slices == [1]
+    assert tuner.method == "icl" and tuner.anchor == 0 and tuner.blend == 1 and tuner.painted_slices == [1]
     assert tuner.known_voxels == painted[1].size
 
 
@@ -271,6 +272,33 @@ def test_the_card_sets_the_models_recipe(tiny_model_path):
     assert Finetuner(model, image, truth, anchor=0.5, batch_size=2).anchor == 0.5  # an explicit option wins
     record = tuner.finished_model().card
     assert record.finetune == model.card.finetune and record.fine_tuning[-1]["anchor_groups"] == "classes"
+
+
+def test_blend_keeps_a_share_of_the_weight_change(tiny_model_path):
+    """``blend``: the model the user gets is the start plus that share of what the steps changed;
+    the trained copy goes on from where it was, and the record says the share."""
+    model = load_model(tiny_model_path)
+    image, truth = scan()
+    tuner = finetune(model, image, truth, steps=2, blend=0.25, batch_size=2)
+    start = dict(model.backbone.named_parameters())
+    trained = dict(tuner.trained.backbone.named_parameters())
+    for name, p in tuner.model.backbone.named_parameters():
+        torch.testing.assert_close(p, start[name] + 0.25 * (trained[name] - start[name]), rtol=0, atol=1e-6)
+    assert not torch.equal(trained["net.model.0.conv.unit0.conv.weight"], start["net.model.0.conv.unit0.conv.weight"])
+    tuner.step()  # the blend follows the steps
+    moved = dict(tuner.trained.backbone.named_parameters())
+    name = "net.model.0.conv.unit0.conv.weight"
+    torch.testing.assert_close(dict(tuner.model.backbone.named_parameters())[name],
+                               start[name] + 0.25 * (moved[name] - start[name]), rtol=0, atol=1e-6)
+    assert tuner.finished_model().card.fine_tuning[-1]["blend"] == 0.25
+    assert finetune(model, image, truth, steps=1, batch_size=2).model is not None
+    full = Finetuner(model, image, truth, blend=1.0, batch_size=2)
+    assert full.model is full.trained  # 1: the trained network itself
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ConsistentSegError, match="blend"):
+            Finetuner(model, image, truth, blend=bad, batch_size=2)
+    with pytest.raises(ConsistentSegError, match="blend"):
+        dataclasses.replace(model.card, finetune={"blend": 2.0})  # a card checks its recipe
 
 
 def test_corrections_on_a_scan_in_another_plane_come_back_on_its_grid(tiny_model_path):

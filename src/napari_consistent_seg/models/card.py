@@ -51,7 +51,7 @@ ANCHOR_GROUPS = ("voxels", "foreground", "classes", "voxels+classes")
 #: Fine-tuning methods: the supervised loss on the corrections, or that plus ICL's unlabeled terms.
 FINETUNE_METHODS = ("supervised", "icl")
 #: The fine-tuning recipe a card may set for its model (``finetune``), over training.finetune.DEFAULTS.
-FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str}
+FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str, "blend": float}
 
 
 def default_colours(classes) -> dict[int, str]:
@@ -313,6 +313,9 @@ class ModelCard:
                 raise _error(f"'finetune.{key}' must be {'text' if kind is str else 'a number'}, got {value!r}")
         if recipe.get("method", "supervised") not in FINETUNE_METHODS:
             raise _error(f"'finetune.method' must be one of {', '.join(FINETUNE_METHODS)}, got {recipe['method']!r}")
+        if not 0 < recipe.get("blend", 1.0) <= 1:
+            raise _error(f"'finetune.blend' (the share of the fine-tune's weight change kept) must be in (0, 1], "
+                         f"got {recipe['blend']!r}")
         if recipe.get("anchor_groups", "voxels") not in ANCHOR_GROUPS:
             raise _error(f"'finetune.anchor_groups' must be one of {', '.join(ANCHOR_GROUPS)}, "
                          f"got {recipe['anchor_groups']!r}")

@@ -29,7 +29,8 @@ from .data import SliceStream, resample_inplane
 
 #: The default recipe (see docs/training.md, "Fine-tuning", and benchmarks/finetune.py); a model
 #: card's ``finetune`` overrides it for its model (`recipe`).
-DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anchor_groups": "voxels"}
+DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anchor_groups": "voxels",
+            "blend": 0.5}
 
 
 def recipe(model) -> dict:
@@ -108,6 +109,12 @@ def anchor_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, where: torch
     return torch.stack(terms).mean() if terms else logits.sum() * 0
 
 
+def _check_blend(share) -> None:
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ConsistentSegError(f"blend must be in (0, 1] (the share of the fine-tune's weight change kept), "
+                                 f"not {share!r}")
+
+
 def _check_anchor_groups(groups) -> None:
     if groups not in ANCHOR_GROUPS:
         raise ConsistentSegError(f"anchor groups must be one of {', '.join(ANCHOR_GROUPS)}, not {groups!r}")
@@ -121,22 +128,25 @@ class Finetuner:
     loss; ``anchor`` weighs a KL term that keeps the prediction on unknown voxels near the
     starting model's (averaged as ``anchor_groups`` says). Options left None come from the
     model's :func:`recipe`. ``method``: "supervised" or "icl" (adds ICL's unlabeled terms on the slices
-    without a known voxel). ``self.model`` is a deep copy, valid after every ``step()``; the model
-    passed in is never changed.
+    without a known voxel). ``blend`` in (0, 1]: the share of the weight change the steps made that
+    the result keeps (a weight-space ensemble of the starting and the trained network, as WiSE-FT);
+    the steps train ``self.trained`` and ``self.model`` is the blend, valid after every ``step()``.
+    Both are deep copies: the model passed in is never changed.
     """
 
     def __init__(self, model: Model, image: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None, *,
                  spacing_mm=None, modality: str | None = None, device=None, method: str | None = None,
                  lr: float | None = None, anchor: float | None = None, anchor_groups: str | None = None,
-                 batch_size: int = 4, confidence_threshold: float = 0.0, seed: int = 0):
-        given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups}
+                 blend: float | None = None, batch_size: int = 4, confidence_threshold: float = 0.0, seed: int = 0):
+        given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups, "blend": blend}
         chosen = {**recipe(model), **{k: v for k, v in given.items() if v is not None}}
-        method, lr, anchor, anchor_groups = (chosen[k] for k in ("method", "lr", "anchor", "anchor_groups"))
+        method, lr, anchor, anchor_groups, blend = (chosen[k] for k in given)
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
         if method not in FINETUNE_METHODS:
             raise ConsistentSegError(f"fine-tuning method must be 'supervised' or 'icl', not {method!r}")
         _check_anchor_groups(anchor_groups)
+        _check_blend(blend)
         image = np.asarray(image)
         labels = np.asarray(labels)
         if image.ndim != 3 or not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
@@ -166,21 +176,23 @@ class Finetuner:
             raise ConsistentSegError("nothing painted: correct the segmentation with the brush or eraser "
                                      "(or paint at least one slice) first")
         self.device = pick_device(device)
-        self.method, self.anchor, self.anchor_groups = method, float(anchor), anchor_groups
+        self.method, self.anchor, self.anchor_groups, self.blend = method, float(anchor), anchor_groups, float(blend)
         self.painted_slices = [int(z) for z in labeled]
         self.known_voxels = int(known.sum())
-        self.model = Model(copy.deepcopy(model.backbone), copy.deepcopy(model.card), None, model.path)
-        self.model.modules = icl_modules_for(model)
-        self.model.to(self.device)
+        self.trained = Model(copy.deepcopy(model.backbone), copy.deepcopy(model.card), None, model.path)
+        self.trained.modules = icl_modules_for(model)
+        self.trained.to(self.device)
         self.teacher = copy.deepcopy(model.backbone).to(self.device).eval().requires_grad_(False)
-        prepared = prepare_input(self.model, image, spacing_mm, modality)
+        self._blended: Model | None = None
+        self._blended_at = -1
+        prepared = prepare_input(self.trained, image, spacing_mm, modality)
         self.warnings = prepared.warnings
         # label + 1 where known, 0 where not: nearest resampling, augmentation and zero padding
         # then keep "unknown" apart from "known background"
         encoded = np.where(known, labels.astype(np.int64) + 1, 0).astype(np.uint8)
         data, encoded = resample_inplane(prepared.data, encoded, prepared.spacing_mm or (1, 1, 1),
-                                         self.model.card.target_spacing_mm if prepared.spacing_mm else None)
-        patch = [min(p, n) for p, n in zip(self.model.card.patch_size, data.shape[1:])]
+                                         self.trained.card.target_spacing_mm if prepared.spacing_mm else None)
+        patch = [min(p, n) for p, n in zip(self.trained.card.patch_size, data.shape[1:])]
         is_labeled = np.zeros(data.shape[0], bool)
         is_labeled[labeled] = True
         self.labeled = SliceStream([data], [encoded], patch, slice_masks=[is_labeled], seed=seed)
@@ -189,10 +201,10 @@ class Finetuner:
         self.batch_size = batch_size
         self.confidence_threshold = confidence_threshold
         self.weights = {"aux": 1.0, "pse": 1.0, "cons": 50.0,
-                        **self.model.card.training_weights}
-        params = list(self.model.backbone.parameters())
+                        **self.trained.card.training_weights}
+        params = list(self.trained.backbone.parameters())
         if method == "icl":
-            params += list(self.model.modules.parameters())
+            params += list(self.trained.modules.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
         self.augment = Augmentation(rotate_deg=10, scale=(0.9, 1.1), flips=False, noise_std=0.02)
         self.generator = torch.Generator().manual_seed(seed)
@@ -203,7 +215,7 @@ class Finetuner:
     def step(self) -> dict:
         """One optimiser step. Returns {"loss", "seg", ...} as floats (the terms in use)."""
         start = time.monotonic()
-        bb = self.model.backbone
+        bb = self.trained.backbone
         bb.train()
         images, encoded = self.labeled.sample(self.batch_size)
         images, encoded = self.augment(images, encoded, self.generator)
@@ -219,7 +231,7 @@ class Finetuner:
         total.backward()
         self.optimizer.step()
         bb.eval()
-        self.model.modules.eval()
+        self.trained.modules.eval()
         self.steps_done += 1
         self.elapsed_s += time.monotonic() - start
         return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
@@ -236,13 +248,14 @@ class Finetuner:
     def _losses(self, bb, images, known, target, unlabeled):
         terms = {}
         if self.method == "icl":
-            self.model.modules.train()
+            modules = self.trained.modules
+            modules.train()
             with self._mixed_precision():  # forward passes only: the losses below run in float32
                 out_l = bb(images, return_features=True)
                 out_u = bb(unlabeled, return_features=True)
-                sspa_l = self.model.modules.attend(out_l.features)
-                sspa_u = self.model.modules.attend(out_u.features)
-                uscl_u = self.model.modules.consistent(out_u.features, sspa_l.proxies())
+                sspa_l = modules.attend(out_l.features)
+                sspa_u = modules.attend(out_u.features)
+                uscl_u = modules.consistent(out_u.features, sspa_l.proxies())
             logits_l, logits_u = out_l.logits.float(), out_u.logits.float()
             maps_l, maps_u = [m.float() for m in sspa_l.maps], [m.float() for m in sspa_u.maps]
             consistent_u = [m.float() for m in uscl_u.maps]
@@ -267,11 +280,35 @@ class Finetuner:
             total = total + self.anchor * terms["anchor"]
         return total, terms
 
+    @property
+    def model(self) -> Model:
+        """The fine-tuned model as the user gets it (preview, Accept, :meth:`finished_model`):
+        :meth:`blended` at the round's ``blend`` (``self.trained`` itself when that is 1), updated
+        after each step on first use."""
+        if self.blend >= 1.0:
+            return self.trained
+        if self._blended_at != self.steps_done:
+            self._blended = self.blended(self.blend, into=self._blended)
+            self._blended_at = self.steps_done
+        return self._blended
+
+    def blended(self, share: float, into: Model | None = None) -> Model:
+        """The starting weights plus ``share`` times the change the steps made so far (written into
+        ``into``'s network when given, else into a new copy; the ICL modules are the trained ones)."""
+        _check_blend(share)
+        if into is None:
+            into = Model(copy.deepcopy(self.trained.backbone), self.trained.card, self.trained.modules, self.trained.path)
+        with torch.no_grad():
+            for out, start, now in zip(into.backbone.parameters(), self.teacher.parameters(),
+                                       self.trained.backbone.parameters()):
+                torch.lerp(start, now, share, out=out)
+        return into
+
     def finished_model(self) -> Model:
         """The fine-tuned model with a card that records the fine-tune (a copy, safe to save)."""
         card = self.model.card.fine_tuned({  # a copy; its val scores are cleared (no longer measured)
             "method": self.method, "anchor": self.anchor, "anchor_groups": self.anchor_groups,
-            "precision": self.precision,
+            "blend": self.blend, "precision": self.precision,
             "steps": self.steps_done,
             "painted_slices": self.painted_slices, "known_voxels": self.known_voxels,
             "wall_time_s": round(self.elapsed_s, 1), "from_model": self.model.card.name,
@@ -326,10 +363,12 @@ def merge_corrections(prediction: np.ndarray, labels: np.ndarray, known: np.ndar
 
 
 class ICLFinetuner(Finetuner):
-    """ICL fine-tuning on whole painted slices, as before the known mask existed (no anchor)."""
+    """ICL fine-tuning on whole painted slices, as before the known mask existed (no anchor, the
+    trained weights unblended)."""
 
     def __init__(self, model: Model, image: np.ndarray, painted: np.ndarray, known: np.ndarray | None = None,
                  **kw):
         kw.setdefault("method", "icl")
         kw.setdefault("anchor", 0.0)
+        kw.setdefault("blend", 1.0)
         super().__init__(model, image, painted, known, **kw)

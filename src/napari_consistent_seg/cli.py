@@ -128,7 +128,7 @@ def cmd_finetune(args) -> int:
     from .inference import segment
     from .io import load_volume, save_nifti
     from .models.store import load_model, save_model
-    from .training.finetune import finetune, model_slices, whole_slice_known
+    from .training.finetune import finetune, model_slices, recipe, whole_slice_known
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,8 +139,9 @@ def cmd_finetune(args) -> int:
     model = load_model(args.model)
     # the model learns from slices in its own plane; a cine gives the slices of all its phases
     (image, labels, known_slices), spacing = model_slices(model, volume, volume.data, painted, known)
-    steps = 10**9 if args.seconds else args.steps  # --seconds alone: as many steps as fit
-    bar = _progress_bar(None if args.seconds else steps, f"fine-tuning {model.name}", unit="step")
+    # --seconds alone: as many steps as fit; no --steps: the model's recipe (the widget's default)
+    steps = 10**9 if args.seconds else recipe(model)["steps"] if args.steps is None else args.steps
+    bar = _progress_bar(None if steps == 10**9 else steps, f"fine-tuning {model.name}", unit="step")
 
     def progress(done, total):
         bar.n = done

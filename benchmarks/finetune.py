@@ -100,16 +100,21 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   the starting ones plus half the change the steps made, `blend` 0.5), scored on what
   the widget's Accept and `consistent-seg finetune` write: `segment(..., corrections=(labels,
   known, start))`, the corrections winning where known, the cardiac clean-up keeping the slices the
-  user corrected and left LV on, and the classes the corrections do not touch neither lost nor
-  moved (`inference.apply_corrections`). The cardiac model's card anchors the starting model's
+  user corrected and left LV on, and the classes the user labeled on no known voxel (not corrected,
+  or only erased) neither lost nor moved outside the known voxels (`inference.apply_corrections`;
+  before the last 37 rounds below were run again, only the classes not touched at all). The cardiac model's card anchors the starting model's
   foreground and background alike with weight 1; the abdomen model keeps the plain anchor (the
   mean over voxels) with weight 3. Run late on the evening of 2026-11-30 on the current code
   (`--methods default --blends 0.5 0.6 0.7 0.85 1.0`): every scan read with `load_volume` and
   fine-tuned through `model_slices` as the widget does; one torch thread each, two rounds at a time.
 - **default, blend B**: the same rounds (the same training), the weights blended at share B
   instead (B = 1: the trained weights themselves, the default before `blend`).
-- **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings),
-  run on the same code but for the blend: it gives `default, blend 1` exactly, round by round.
+  The 37 rounds where a class was only erased or painted over (every erase round, four organ
+  rounds, chaos case_31 strokes, case_32 two worst slices) were run again for every share after
+  the rule above took in such classes; the other rows are unchanged by it.
+- **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only
+  untouched classes held): it gives `default, blend 1` exactly on the 118 rounds the later rule
+  leaves alone.
 - **default without the untouched-class rule**: the same rounds, the same evening, scored without
   the `start` labels (the Accept of the day before).
 - **classes-anchor-3**: the abdomen model anchored with `anchor_groups="classes"` (each class the

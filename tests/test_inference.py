@@ -351,29 +351,34 @@ def test_corrections_win_and_keep_their_lv_slices_through_the_cardiac_clean_up(m
         segment(models["mr"], volume, corrections=(fixes[:2], where[:2]))
 
 
-def test_classes_the_corrections_do_not_touch_keep_the_starting_labels():
-    """A fine-tune's result: the user's voxels win; a class nobody labeled, erased or overpainted
-    is neither lost to background nor moved; a touched class follows the prediction, and may take
-    an untouched class's voxels."""
-    from napari_consistent_seg.inference import apply_corrections, touched_classes
+def test_classes_the_user_did_not_label_keep_the_starting_labels():
+    """A fine-tune's result: the user's voxels win; a class the user labeled on no known voxel
+    (nobody corrected it, or it was only erased or painted over) is neither lost to background nor
+    moved; a labeled class follows the prediction, and may take a held class's voxels."""
+    from napari_consistent_seg.inference import apply_corrections, labeled_classes
 
     start = np.array([[0, 1, 1, 2, 2, 3, 0, 0]], np.uint8)
     tuned = np.array([[0, 1, 0, 0, 2, 1, 2, 3]], np.uint8)
     labels = np.array([[0, 1, 0, 0, 0, 0, 0, 0]], np.uint8)
     known = labels.astype(bool)
-    assert touched_classes(labels, known, start) == [1]
-    assert touched_classes(labels, known) is None
-    # voxel 3: 2 -> background, kept 2; voxel 5: 3 -> 1 (touched) allowed; voxels 6-7: new 2 / 3, not allowed
+    assert labeled_classes(labels, known, start) == [1]
+    assert labeled_classes(labels, known) is None
+    # voxel 2: 1 -> background (1 is labeled) follows; voxel 3: 2 -> background, kept 2;
+    # voxel 5: 3 -> 1 (labeled) allowed; voxels 6-7: new 2 / 3, not allowed
     np.testing.assert_array_equal(apply_corrections(tuned, labels, known, start), [[0, 1, 0, 2, 2, 1, 0, 0]])
     np.testing.assert_array_equal(apply_corrections(tuned, labels, known), tuned)  # no start: no rule
     erased = known.copy()
-    erased[0, 3] = True  # an erase where the start said 2: class 2 is touched now
-    assert touched_classes(labels, erased, start) == [0, 1, 2]
-    np.testing.assert_array_equal(apply_corrections(tuned, labels, erased, start), [[0, 1, 0, 0, 2, 1, 2, 0]])
+    erased[0, 3] = True  # an erase where the start said 2: background is labeled, class 2 only erased
+    assert labeled_classes(labels, erased, start) == [0, 1]
+    # the erased voxel is background; class 2 is held elsewhere: not lost at 4, not grown at 6
+    np.testing.assert_array_equal(apply_corrections(tuned, labels, erased, start), [[0, 1, 0, 0, 2, 1, 0, 0]])
+    lost = tuned.copy()
+    lost[0, 4] = 0  # the tuned network drops the erased class elsewhere: the start's 2 stands
+    np.testing.assert_array_equal(apply_corrections(lost, labels, erased, start), [[0, 1, 0, 0, 2, 1, 0, 0]])
 
 
 def test_a_cine_counts_the_corrections_of_every_phase(models):
-    """Corrections on one phase of a cine touch their classes in every phase."""
+    """Classes labeled on one phase of a cine count as labeled in every phase."""
     from napari_consistent_seg.inference import segment
     from napari_consistent_seg.io.volume import Geometry, Volume
 
@@ -387,6 +392,6 @@ def test_a_cine_counts_the_corrections_of_every_phase(models):
         known[0, 0, 0, i] = True
         labels[0, 0, 0, i] = c
     out = segment(models["mr"], cine, corrections=(labels, known, start)).data
-    np.testing.assert_array_equal(out[1], plain[1])  # every class touched: phase 1 follows the model
+    np.testing.assert_array_equal(out[1], plain[1])  # every class labeled: phase 1 follows the model
     out = segment(models["mr"], cine, corrections=(np.zeros_like(labels), known, start)).data
-    assert not out[1].any()  # nothing touched (background painted over background): the start stays
+    assert not out[1].any()  # only background labeled: every class held, the start (all background) stays

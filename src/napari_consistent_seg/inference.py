@@ -598,7 +598,7 @@ def segment(
     probabilities = None
     warnings: list[str] = []
     every = None if corrections is None else _checked_corrections(volume, corrections)
-    touched = None if every is None else touched_classes(*every)
+    labeled = None if every is None else labeled_classes(*every)
     for index, t in enumerate(chosen):
         prepared = prepare(model, volume if t is None else volume.phase(t))
         n_slices = prepared.data.shape[0]
@@ -613,7 +613,7 @@ def segment(
         in_view = None if fixes is None else [prepared.source.transfer(a, prepared.view) for a in fixes[:2]]
         result = restore(prepared, post_process(model, inferred.labels, keep_largest, _known_spacing(prepared), in_view))
         if fixes is not None:
-            result = apply_corrections(result, *fixes, touched=touched)
+            result = apply_corrections(result, *fixes, labeled=labeled)
         if t is None:
             labels[...] = result
         else:
@@ -647,7 +647,7 @@ def segment_slice(model: Model, volume: Volume, z: int, *, phase: int | None = N
     plane only that slice runs, normalised as the whole volume (phase), without the
     post-processing that needs the whole volume; otherwise each of the model's slices crosses the
     shown one, so the whole volume (phase) is segmented. ``corrections``: (labels, known[, start])
-    on the volume's grid, as :func:`segment`'s (a cine's classes count as touched over every phase)."""
+    on the volume's grid, as :func:`segment`'s (a cine's labeled classes count over every phase)."""
     _check_model(model)
     if not isinstance(volume, Volume):
         raise InvalidInputError(f"segment_slice() takes a Volume, got {type(volume).__name__}")
@@ -663,48 +663,48 @@ def segment_slice(model: Model, volume: Volume, z: int, *, phase: int | None = N
     if model.spatial_dims != 2 or not np.array_equal(model_view(model, shown).ornt, shown.geometry.ornt):
         labels = segment(model, volume, phases=None if t is None else [t], device=device, corrections=corrections).data
         return labels[z] if t is None else labels[t, z]
-    fixes = touched = None
+    fixes = labeled = None
     if corrections is not None:
         every = _checked_corrections(volume, corrections)
-        touched = touched_classes(*every)
+        labeled = labeled_classes(*every)
         fixes = every if t is None else tuple(a[t] for a in every)
     prepared = prepare(model, shown)
     prepared.data = prepared.data[z:z + 1]
     labels = infer(model, prepared, device=device).labels[0]
-    return labels if fixes is None else apply_corrections(labels, *(a[z] for a in fixes), touched=touched)
+    return labels if fixes is None else apply_corrections(labels, *(a[z] for a in fixes), labeled=labeled)
 
 
-def touched_classes(labels: np.ndarray, known: np.ndarray, start: np.ndarray | None = None) -> list[int] | None:
-    """The classes the corrections touch: those the user labeled on a known voxel, and those
-    ``start`` (the starting model's labels) had on a voxel the user touched (an erase or an
-    overpaint touches the class it changed). None without ``start`` (no rule to apply)."""
+def labeled_classes(labels: np.ndarray, known: np.ndarray, start: np.ndarray | None = None) -> list[int] | None:
+    """The classes the user labeled on a known voxel (background included: an erase labels it).
+    None without ``start`` (the starting model's labels; no rule to apply)."""
     if start is None:
         return None
-    known = np.asarray(known, bool)
-    return sorted(set(np.unique(np.asarray(labels)[known]).tolist()) | set(np.unique(np.asarray(start)[known]).tolist()))
+    return sorted(np.unique(np.asarray(labels)[np.asarray(known, bool)]).tolist())
 
 
 def apply_corrections(prediction: np.ndarray, labels: np.ndarray, known: np.ndarray, start: np.ndarray | None = None,
-                      *, touched: list[int] | None = None) -> np.ndarray:
+                      *, labeled: list[int] | None = None) -> np.ndarray:
     """The user's ``labels`` where ``known``, the ``prediction`` elsewhere (in the prediction's dtype).
 
-    With ``start`` (a fine-tune's result: the starting model's labels), a class the corrections do
-    not touch (not in `touched_classes` of these arrays, unless ``touched`` is given) is neither lost
-    nor moved: where the start called it and the prediction says background, and wherever the
-    prediction calls it, the start's label stands. A class the user corrected may still take its
-    voxels (a corrected LV cavity grows into what the start called myocardium). A fine-tune learns
-    only from what the user corrected; without this it lost classes nobody corrected (btcv_ct
-    case_17 with two painted slices, neither through the spleen: spleen Dice 90 -> 65 %;
-    docs/training.md)."""
+    With ``start`` (a fine-tune's result: the starting model's labels), a class the user labeled on
+    no known voxel (not in `labeled_classes` of these arrays, unless ``labeled`` is given) is neither
+    lost nor moved outside the known voxels: where the start called it and the prediction says
+    background, and wherever the prediction calls it, the start's label stands. That covers the
+    classes nobody corrected and those the user only erased or painted over. A class the user
+    labeled may still take their voxels (a corrected LV cavity grows into what the start called
+    myocardium). A fine-tune learns only from what the user labeled; without this it lost classes
+    nobody corrected (btcv_ct case_17 with two painted slices, neither through the spleen: spleen
+    Dice 90 -> 65 %), and a class erased on one slice shrank or moved elsewhere (the left kidney of
+    case_17 erased on one slice: 10,299 -> 861 voxels; docs/training.md)."""
     known = np.asarray(known, bool)
     out = np.where(known, labels, prediction).astype(prediction.dtype, copy=False)
     if start is None:
         return out
     start = np.asarray(start)
-    touched = touched_classes(labels, known, start) if touched is None else touched
-    untouched = [int(c) for c in np.union1d(np.unique(start), np.unique(prediction)) if c != 0 and c not in touched]
-    if untouched:
-        keep = (((prediction == 0) & np.isin(start, untouched)) | np.isin(prediction, untouched)) & ~known
+    labeled = labeled_classes(labels, known, start) if labeled is None else labeled
+    held = [int(c) for c in np.union1d(np.unique(start), np.unique(prediction)) if c != 0 and c not in labeled]
+    if held:
+        keep = (((prediction == 0) & np.isin(start, held)) | np.isin(prediction, held)) & ~known
         out[keep] = start[keep]
     return out
 

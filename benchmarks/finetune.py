@@ -217,29 +217,23 @@ def corrections(case: Case, pred: np.ndarray, mode: str, rng) -> tuple[np.ndarra
         else:
             picks = [scored[len(scored) // 3], scored[(2 * len(scored)) // 3]]
         known[picks] = True
-    elif mode == "organ":
-        # one organ's boundary fixed on one slice, as a user who checks one structure would: the
-        # class with the most wrong voxels (scored slices), on its worst slice, brush size 5 dabs
-        # (napari's, 21 voxels) on every 6th of its wrong voxels, at most 25 dabs
+    elif mode in ("organ", "erase"):
+        # organ: one structure's boundary fixed on one slice, as a user who checks one structure
+        # would (the class with the most wrong voxels); erase: its leak into background erased, as
+        # a user who cleans up a leak would (the class with most voxels the reference calls
+        # background; only those count as erased: a careful user). On that class's worst slice,
+        # brush size 5 dabs (napari's, 21 voxels) on every sixth such voxel, at most 25 dabs
         classes = [c for c in case.scored_classes if c not in unlabeled_classes]
-        per_class = {c: wrong & ((ref == c) | (pred == c)) for c in classes}
+        if mode == "organ":
+            per_class = {c: wrong & ((ref == c) | (pred == c)) for c in classes}
+        else:
+            per_class = {c: wrong & (pred == c) & (ref == 0) for c in classes}
         c = max(classes, key=lambda k: int(per_class[k].sum()))
         z = int(np.argmax(per_class[c].reshape(len(ref), -1).sum(1)))
         yy, xx = np.mgrid[:ref.shape[1], :ref.shape[2]]
+        allowed = ref[z] == 0 if mode == "erase" else True
         for y, x in np.argwhere(per_class[c][z])[::6][:25]:
-            known[z] |= (yy - y) ** 2 + (xx - x) ** 2 <= 4
-    elif mode == "erase":
-        # one class's over-segmentation into background erased on one slice, as a user who cleans
-        # up a leak would: the class with most voxels the reference calls background, on its worst
-        # slice, eraser dabs (brush size 5) on every sixth such voxel, at most 25; only voxels the
-        # reference calls background count as erased (a careful user)
-        classes = [c for c in case.scored_classes if c not in unlabeled_classes]
-        per_class = {c: wrong & (pred == c) & (ref == 0) for c in classes}
-        c = max(classes, key=lambda k: int(per_class[k].sum()))
-        z = int(np.argmax(per_class[c].reshape(len(ref), -1).sum(1)))
-        yy, xx = np.mgrid[:ref.shape[1], :ref.shape[2]]
-        for y, x in np.argwhere(per_class[c][z])[::6][:25]:
-            known[z] |= ((yy - y) ** 2 + (xx - x) ** 2 <= 4) & (ref[z] == 0)
+            known[z] |= ((yy - y) ** 2 + (xx - x) ** 2 <= 4) & allowed
     elif mode == "strokes":
         picks = [z for z in np.argsort(-errors, kind="stable") if case.scored_slices[z]][:3]
         disk = np.hypot(*np.mgrid[-3:4, -3:4]) <= 3
@@ -287,7 +281,7 @@ def run_round(model, case: Case, labels, known, options: dict, seconds: float | 
         if seconds and time.monotonic() - started >= seconds:
             break
     tuned_s = time.monotonic() - started
-    # as the widget's Accept and the CLI: corrections win, untouched classes keep ``start``
+    # as the widget's Accept and the CLI: corrections win, classes the user did not label keep ``start``
     preds = [segment(tuner.model if b is None else tuner.blended(b), case.volume, device="cpu",
                      corrections=(labels, known, start)).data for b in blends]
     return preds, tuned_s, tuner.steps_done

@@ -141,7 +141,7 @@ def cmd_finetune(args) -> int:
     (image, labels, known_slices), spacing = model_slices(model, volume, volume.data, painted, known)
     # --seconds alone: as many steps as fit; no --steps: the model's recipe (the widget's default)
     steps = 10**9 if args.seconds else recipe(model)["steps"] if args.steps is None else args.steps
-    bar = _progress_bar(None if steps == 10**9 else steps, f"fine-tuning {model.name}", unit="step")
+    bar = _progress_bar(None if args.seconds else steps, f"fine-tuning {model.name}", unit="step")
 
     def progress(done, total):
         bar.n = done
@@ -154,7 +154,7 @@ def cmd_finetune(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     tuned = tuner.finished_model()
     # every phase, on the scan's own grid; the painted voxels win, the clean-up keeps their slices,
-    # and the classes the corrections do not touch keep the starting model's labels
+    # and the classes the user labeled on no known voxel keep the starting model's labels
     start = segment(model, volume, device=args.device).data
     merged = segment(tuned, volume, device=args.device, corrections=(painted, known, start)).data
     outdir = Path(args.output)

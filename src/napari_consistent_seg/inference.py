@@ -582,8 +582,8 @@ def segment(
     ``meta["warnings"]``. Progress counts slices over all phases. ``corrections``: the user's
     (labels, known) on the volume's grid (a fine-tune's painted voxels): they replace the prediction
     where known, and the post-processing does not remove what the user labeled. A third array,
-    (labels, known, start), is the starting model's segmentation: then the classes the corrections
-    do not touch (over every phase) keep their starting labels (:func:`apply_corrections`).
+    (labels, known, start), is the starting model's segmentation: then the classes the user labeled
+    on no known voxel (over every phase) keep their starting labels (:func:`apply_corrections`).
     """
     _check_model(model)
     if not isinstance(volume, Volume):

@@ -224,7 +224,7 @@ class FinetuneWidget(QWidget):
 
         def task(progress, cancel):
             model = start_model or load_model(model_choice, device="cpu")
-            # the starting model's segmentation: classes the corrections do not touch keep it
+            # the starting model's segmentation: classes the user labeled on no known voxel keep it
             start = segment(model, volume, device=device).data if start_labels is None else start_labels
             fixes = (labels, known, start)
             # the model learns from slices in its own plane (the scan's own for a cardiac model)

@@ -395,3 +395,45 @@ def test_a_cine_counts_the_corrections_of_every_phase(models):
     np.testing.assert_array_equal(out[1], plain[1])  # every class labeled: phase 1 follows the model
     out = segment(models["mr"], cine, corrections=(np.zeros_like(labels), known, start)).data
     assert not out[1].any()  # only background labeled: every class held, the start (all background) stays
+
+
+def test_the_busy_core_reading_leaves_out_our_own_threads(monkeypatch, tmp_path):
+    """torch's OpenMP workers spin after a batch: a reading taken then must not count them as
+    another process's load (it sent back-to-back predictions to one thread)."""
+    from napari_consistent_seg import inference
+
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("1.20 0.80 0.50 4/312 4242\n")
+    monkeypatch.setattr(inference, "LOADAVG", str(loadavg))
+    monkeypatch.setattr(inference, "_own_running_threads", lambda: 3)
+    assert inference._read_busy_cores(3) == 1.0
+    monkeypatch.setattr(inference, "_own_running_threads", lambda: 5)
+    assert inference._read_busy_cores(1) == 0.0
+    assert inference._own_running_threads() >= 1  # the real count: at least the thread asking
+
+
+def test_bf16_channels_last_copy_gives_the_autocast_labels_and_follows_new_weights(models, monkeypatch):
+    """On a CPU with native bf16, labels come from a bf16 channels-last copy of the backbone; the
+    copy is made again when the weights change (fine-tuning, loading) and not otherwise."""
+    from napari_consistent_seg import inference
+
+    model = models["ct"]
+    backbone = model.backbone.eval()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(inference, "inference_precision", lambda device: "bfloat16")
+    copy = inference._bf16_channels_last(backbone, cpu)
+    assert copy is not backbone and copy is inference._bf16_channels_last(backbone, cpu)
+    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    x = torch.rand(3, 1, 48, 40)
+    with torch.inference_mode():
+        native = copy(x.bfloat16().contiguous(memory_format=torch.channels_last)).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = backbone(x).float()
+    assert native.is_contiguous(memory_format=torch.channels_last)
+    assert (native.argmax(1) == mixed.argmax(1)).float().mean() > 0.99
+    assert torch.allclose(native, mixed, atol=0.1 * mixed.abs().max().item())
+    with torch.no_grad():
+        next(backbone.parameters()).add_(0.5)
+    assert inference._bf16_channels_last(backbone, cpu) is not copy
+    monkeypatch.setattr(inference, "inference_precision", lambda device: "float32")
+    assert inference._bf16_channels_last(backbone, cpu) is None

@@ -431,3 +431,34 @@ def test_card_validation_errors(tmp_path):
     (folder / CARD_FILE).write_text("{not json")
     with pytest.raises(ModelLoadError, match="cannot read model card"):
         read_card(folder)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 40, 36), (2, 16, 40, 36), (2, 32, 12, 10), (2, 8, 33, 40)])
+def test_instance_norm_is_the_same_on_channels_last_input(shape):
+    """The norm takes the standard layout where torch's channels-last kernel is slow (few pixels or
+    few channels) and stays channels-last elsewhere; the values are the same either way."""
+    from napari_consistent_seg.models.unet import _InstanceNorm2d
+
+    norm = _InstanceNorm2d(shape[1])
+    x = torch.randn(shape) * 3 + 2
+    cl = x.contiguous(memory_format=torch.channels_last)
+    out = norm(cl)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, torch.nn.InstanceNorm2d(shape[1])(x), atol=1e-5, rtol=1e-5)
+
+
+def test_in_place_activation_and_residual_add_without_gradients_change_nothing():
+    """Without gradients the PReLU runs in place and the residual add reuses the unit's output:
+    the same logits as with gradients, and the input is left as it was."""
+    torch.manual_seed(0)
+    net = UNet(2, 1, 3, (8, 16, 32, 64, 128)).eval()
+    for module in net.modules():
+        if isinstance(module, torch.nn.PReLU):
+            torch.nn.init.uniform_(module.weight, 0.05, 0.5)
+    x = torch.randn(2, 1, 64, 48)
+    before = x.clone()
+    with_grad = net(x)
+    with torch.no_grad():
+        without = net(x)
+    torch.testing.assert_close(with_grad.detach(), without)
+    assert torch.equal(x, before)

@@ -196,10 +196,11 @@ def inference_precision(device: torch.device) -> str:
     """The arithmetic the network runs in: "float16" on CUDA, "bfloat16" on a CPU with native
     bf16, else "float32"; ``$CONSISTENT_SEG_PRECISION=float32`` forces float32 everywhere.
 
-    Why bf16 on such CPUs: it halves the time of the CT benchmark (8.6 -> 4.6 s for 512 x 512 x 300
-    on our 2-core AMD EPYC) and changes 0.014 % of its voxels, every Dice within 0.11 points; the
-    validation sets move by at most a tenth of a point (docs/inference.md). Convolutions, matmuls
-    and the like run in bf16 under torch's autocast, the rest (norms, softmax) in float32.
+    Why bf16 on such CPUs: it halves the time of the CT benchmark (9.1 -> 4.6 s for 512 x 512 x 300
+    on our 2-core AMD EPYC) and changes 0.013 % of its voxels, every Dice within 0.11 points; the
+    validation sets move by at most a tenth of a point (docs/inference.md). 2D labels on the CPU
+    come from a bf16 copy of the network (`_bf16_channels_last`); elsewhere convolutions, matmuls
+    and the like run in the reduced precision under torch's autocast. Softmax maps are float32.
     """
     asked = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
     if asked not in ("auto", "float32"):

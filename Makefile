@@ -13,10 +13,13 @@ APT_PKGS   := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcomm
 
 setup: $(VENV)/.installed
 
+# --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set (this machine, many containers) nothing else
+# writes .pyc files, and every process would compile torch from source: importing the core took
+# 8.7 s instead of 2.9 s on a 2-core EPYC (Zen 3).
 $(VENV)/.installed: pyproject.toml
 	python3 -m pip install -q uv
 	python3 -m uv venv -q --allow-existing $(VENV) --python python3
-	python3 -m uv pip install -q --python $(PY) $(UV_LINKS) "$(TORCH)" -e ".[testing]"
+	python3 -m uv pip install -q --compile-bytecode --python $(PY) $(UV_LINKS) "$(TORCH)" -e ".[testing]"
 	touch $@
 
 # Xvfb and the X libraries Qt6 needs, for the GUI tests (root on CI; skipped if present).

@@ -412,19 +412,20 @@ def test_the_busy_core_reading_leaves_out_our_own_threads(monkeypatch, tmp_path)
     assert inference._own_running_threads() >= 1  # the real count: at least the thread asking
 
 
-def test_bf16_channels_last_copy_gives_the_autocast_labels_and_follows_new_weights(models, monkeypatch):
-    """On a CPU with native bf16, labels come from a bf16 channels-last copy of the backbone; the
-    copy is made again when the weights change (fine-tuning, loading) and not otherwise."""
+def test_channels_last_copy_gives_the_backbone_labels_and_follows_new_weights(models, monkeypatch):
+    """On the CPU, 2D labels come from a channels-last copy of the backbone in the inference
+    precision (bf16 where the CPU has it natively, else float32); the copy is made again when the
+    weights or the precision change (fine-tuning, loading) and not otherwise."""
     from napari_consistent_seg import inference
 
     model = models["ct"]
     backbone = model.backbone.eval()
     cpu = torch.device("cpu")
-    monkeypatch.setattr(inference, "inference_precision", lambda device: "bfloat16")
-    copy = inference._bf16_channels_last(backbone, cpu)
-    assert copy is not backbone and copy is inference._bf16_channels_last(backbone, cpu)
-    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
     x = torch.rand(3, 1, 48, 40)
+    monkeypatch.setattr(inference, "inference_precision", lambda device: "bfloat16")
+    copy = inference._channels_last_copy(backbone, cpu)
+    assert copy is not backbone and copy is inference._channels_last_copy(backbone, cpu)
+    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
     with torch.inference_mode():
         native = copy(x.bfloat16().contiguous(memory_format=torch.channels_last)).float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -434,6 +435,12 @@ def test_bf16_channels_last_copy_gives_the_autocast_labels_and_follows_new_weigh
     assert torch.allclose(native, mixed, atol=0.1 * mixed.abs().max().item())
     with torch.no_grad():
         next(backbone.parameters()).add_(0.5)
-    assert inference._bf16_channels_last(backbone, cpu) is not copy
+    assert inference._channels_last_copy(backbone, cpu) is not copy
     monkeypatch.setattr(inference, "inference_precision", lambda device: "float32")
-    assert inference._bf16_channels_last(backbone, cpu) is None
+    single = inference._channels_last_copy(backbone, cpu)
+    assert all(p.dtype == torch.float32 for p in single.parameters())
+    with torch.inference_mode():
+        got = single(x.contiguous(memory_format=torch.channels_last))
+        want = backbone(x)
+    assert torch.allclose(got, want, atol=1e-4 * want.abs().max().item())
+    assert inference._channels_last_copy(backbone, torch.device("meta")) is None

@@ -199,8 +199,9 @@ def inference_precision(device: torch.device) -> str:
     Why bf16 on such CPUs: it halves the time of the CT benchmark (9.1 -> 4.6 s for 512 x 512 x 300
     on our 2-core AMD EPYC) and changes 0.013 % of its voxels, every Dice within 0.11 points; the
     validation sets move by at most a tenth of a point (docs/inference.md). 2D labels on the CPU
-    come from a bf16 copy of the network (`_bf16_channels_last`); elsewhere convolutions, matmuls
-    and the like run in the reduced precision under torch's autocast. Softmax maps are float32.
+    come from a channels-last copy of the network in that precision (`_channels_last_copy`);
+    elsewhere convolutions, matmuls and the like run in the reduced precision under torch's
+    autocast. Softmax maps are float32.
     """
     asked = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
     if asked not in ("auto", "float32"):
@@ -222,30 +223,32 @@ def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=getattr(torch, precision))
 
 
-_BF16_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CL_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _bf16_channels_last(backbone: torch.nn.Module, device: torch.device) -> torch.nn.Module | None:
-    """The network labels are computed with on a CPU with native bf16: a copy of ``backbone`` in
-    bf16 with channels-last weights, run on channels-last bf16 input without autocast. None
-    elsewhere (autocast on the backbone itself: CUDA, float32, 3D models).
+def _channels_last_copy(backbone: torch.nn.Module, device: torch.device) -> torch.nn.Module | None:
+    """The network a 2D model's labels are computed with on the CPU: a copy of ``backbone`` with
+    channels-last weights, in the inference precision (bf16 on a CPU with native bf16, else
+    float32), run on channels-last input of that precision without autocast. None elsewhere
+    (CUDA, 3D models: the backbone itself, under autocast where it pays).
 
-    Why: on our 2-core EPYC the cardiac network runs a batch of five 256 x 256 slices in 30-36 ms
-    this way against 39-46 ms under autocast on the standard layout (oneDNN's channels-last
-    kernels fill the vector units where the 16- and 4-channel layers could not, and no
-    activation is cast; docs/inference.md). The copy (13 ms) is kept while the backbone's
-    parameters are the same tensors at the same version, so fine-tuning or loading new weights
-    makes a new one.
+    Why (docs/inference.md): on our 2-core EPYC Zen 4 the cardiac network runs a batch of five
+    256 x 256 slices in bf16 in 30-36 ms this way against 39-46 ms under autocast on the standard
+    layout (oneDNN's channels-last kernels fill the vector units where the 16- and 4-channel layers
+    could not, and no activation is cast); in float32 on a 2-core Zen 3 (AVX2, no bf16) in 109
+    against 122 ms. The copy is kept while the backbone's parameters are the same tensors at the
+    same version, so fine-tuning or loading new weights makes a new one.
     """
-    if device.type != "cpu" or inference_precision(device) != "bfloat16" or backbone.spatial_dims != 2:
+    if device.type != "cpu" or backbone.spatial_dims != 2:
         return None
-    key = tuple((id(p), p.data_ptr(), p._version) for p in backbone.parameters())
-    cached = _BF16_COPIES.get(backbone)
+    dtype = getattr(torch, inference_precision(device))
+    key = (dtype, *((id(p), p.data_ptr(), p._version) for p in backbone.parameters()))
+    cached = _CL_COPIES.get(backbone)
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
-        copy = copy_module(backbone).to(dtype=torch.bfloat16, memory_format=torch.channels_last).eval()
-    _BF16_COPIES[backbone] = (key, copy)
+        copy = copy_module(backbone).to(dtype=dtype, memory_format=torch.channels_last).eval()
+    _CL_COPIES[backbone] = (key, copy)
     return copy
 
 
@@ -407,11 +410,12 @@ def infer(model: Model, prepared: PreparedScan, *, device=None, batch_size: int 
     probabilities = np.empty((k, z, h, w), np.float16) if return_probabilities else None
     resized = prepared.model_size_yx is not None
 
-    native = _bf16_channels_last(model.backbone, device)
+    native = _channels_last_copy(model.backbone, device)
+    dtype = None if native is None else next(native.parameters()).dtype
 
     def work(start, stop, x):
         if native is not None:
-            logits = native(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+            logits = native(x.to(dtype).contiguous(memory_format=torch.channels_last))
         else:
             logits = model.backbone(x)
         if return_probabilities:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from napari_consistent_seg.inference import (
     PRECISION_ENV,
-    _argmax_labels,
+    argmax_labels,
     _cpu_threads,
     infer,
     inference_precision,
@@ -421,7 +421,7 @@ def section_ideas(out: list[str], data: Path, image, reference, repeats: int) ->
          "inference_threads() picks the idle cores' count from the runnable tasks")
     probs = torch.rand(8, 5, 512, 512).softmax(1)
     pair("argmax over K: channels-last vs strided (8 x 5 x 512 x 512)", lambda: probs.argmax(1),
-         lambda: _argmax_labels(probs))
+         lambda: argmax_labels(probs))
     # label vs probability upsampling on the whole CT
     prepared = prepare_array(model, image, CT_SPACING, "CT")
     results = {}

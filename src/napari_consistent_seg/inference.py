@@ -422,12 +422,12 @@ def infer(model: Model, prepared: PreparedScan, *, device=None, batch_size: int 
             probs = logits.float().softmax(1)
             if resized:
                 probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-            labels[start:stop] = _argmax_labels(probs).cpu().numpy()
+            labels[start:stop] = argmax_labels(probs).cpu().numpy()
             probabilities[:, start:stop] = probs.to(torch.float16).transpose(0, 1).cpu().numpy()
         elif resized and upsampling == "probabilities":
             labels[start:stop] = bilinear_argmax(logits.float().softmax(1), (h, w)).cpu().numpy()
         else:  # argmax of the logits (in the precision they came in: widening is exact) is the softmax's
-            lab = _argmax_labels(logits)[:, None]
+            lab = argmax_labels(logits)[:, None]
             if resized:
                 lab = F.interpolate(lab, size=(h, w), mode="nearest-exact")
             labels[start:stop] = lab[:, 0].cpu().numpy()
@@ -456,7 +456,7 @@ def bilinear_argmax(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     boundaries) are interpolated, class by class, and argmaxed.
     """
     h, w = probs.shape[2:]
-    low = _argmax_labels(probs)  # (B, h, w)
+    low = argmax_labels(probs)  # (B, h, w)
     y0, y1, wy0, wy1 = _linear_taps(h, size[0], probs.device)
     x0, x1, wx0, wx1 = _linear_taps(w, size[1], probs.device)
     # the four corner labels of every output pixel; index_select is several times faster than
@@ -474,9 +474,10 @@ def bilinear_argmax(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out
 
 
-def _argmax_labels(scores: torch.Tensor) -> torch.Tensor:
+def argmax_labels(scores: torch.Tensor) -> torch.Tensor:
     """(B, K, h, w) -> (B, h, w) uint8 argmax over K. Channels-last first: torch's argmax over a
-    strided dim 1 is 4x slower on the CPU than over a contiguous one (benchmarks/speed.py)."""
+    strided dim 1 is 4x slower on the CPU than over a contiguous one (benchmarks/speed.py), and 8x
+    in a fine-tune's anchor (the teacher's 8 x 4 x 192 x 192 logits, float32, Zen 3)."""
     return scores.contiguous(memory_format=torch.channels_last).argmax(1).to(torch.uint8)
 
 

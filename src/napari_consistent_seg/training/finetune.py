@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConsistentSegError, InvalidInputError, ShapeMismatchError
-from ..inference import apply_corrections, check_cancel, inference_precision, model_view, pick_device, prepare_input
+from ..inference import (apply_corrections, argmax_labels, check_cancel, inference_precision, model_view, pick_device,
+                         prepare_input)
 from ..io.volume import Volume
 from ..models.card import ANCHOR_GROUPS, FINETUNE_METHODS
 from ..models.modules import EAMModule, ICLModules
@@ -98,7 +99,7 @@ def anchor_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, where: torch
                       + anchor_loss(logits, teacher_logits, where, "classes"))
     t = teacher_logits.log_softmax(1)
     kl = (t.exp() * (t - logits.log_softmax(1))).sum(1)
-    called = teacher_logits.argmax(1)
+    called = argmax_labels(teacher_logits)  # 48 -> 6 ms for 8 x 4 x 192 x 192 (Zen 3)
     if groups == "voxels":
         groups = [where]
     elif groups == "foreground":

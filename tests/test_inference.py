@@ -21,6 +21,7 @@ from napari_consistent_seg.inference import (
     keep_largest_components,
     pick_device,
     predict_volume,
+    uses_region,
 )
 from napari_consistent_seg.models.store import CARD_FILE, load_model
 
@@ -444,3 +445,71 @@ def test_channels_last_copy_gives_the_backbone_labels_and_follows_new_weights(mo
         want = backbone(x)
     assert torch.allclose(got, want, atol=1e-4 * want.abs().max().item())
     assert inference._channels_last_copy(backbone, torch.device("meta")) is None
+
+
+class _Threshold(torch.nn.Module):
+    """A pointwise 'network': class 1 where the normalised intensity exceeds one half. Its labels
+    do not depend on what else the slice holds, so a region search must give the same labels."""
+
+    out_channels = 2
+    spatial_dims = 2
+
+    def __init__(self):
+        super().__init__()
+        self.pixels = 0
+
+    def forward(self, x):
+        self.pixels += x.shape[0] * x.shape[-2] * x.shape[-1]
+        return torch.cat([torch.zeros_like(x), x - 0.5], 1)
+
+
+def test_region_search_runs_the_organ_s_slices_and_box_only(tmp_path, monkeypatch):
+    import napari_consistent_seg.inference as inference
+
+    model = load_model(save_tiny(tmp_path / "ct", name="tiny-ct", modules=None, modalities=("CT",)))
+    monkeypatch.setitem(model.card, "postprocessing", {"keep_largest_component": True})
+    monkeypatch.setattr(inference, "_channels_last_copy", lambda backbone, device: None)
+    net = _Threshold()
+    monkeypatch.setattr(model, "backbone", net)
+    data = np.full((60, 128, 128), -1000, np.int16)  # air: 0 after the CT window
+    data[20:35, 30:40, 30:45] = 200                   # an organ, 0.81 after it
+    data[40, 100, 100] = 200                          # a speck, on a slice the search skips
+    spacing = (2.5, 1.0, 1.0)
+    target = model.card.target_spacing_mm
+    assert not target or tuple(target) == (1.0, 1.0)  # no in-plane resampling: pixels are voxels
+
+    calls = []
+    whole = predict_volume(model, data, spacing_mm=spacing, modality="CT", keep_largest=False).labels
+    pixels_whole, net.pixels = net.pixels, 0
+    found = predict_volume(model, data, spacing_mm=spacing, modality="CT",
+                           progress=lambda done, total: calls.append((done, total))).labels
+    assert uses_region(model) and not uses_region(model, keep_largest=False)
+    assert np.array_equal(found, keep_largest_components(whole))  # the organ, not the speck
+    # every 6th slice (15 mm) whole, then slices 19-35 (between the empty samples 18 and 36)
+    # inside the organ's box widened by 30 mm: rows 0-70, columns 0-75
+    sampled = len(range(0, 60, 6)) + 1
+    assert net.pixels == sampled * 128 * 128 + (36 - 18 - 1 - 2) * 70 * 75
+    assert net.pixels < pixels_whole / 2
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1] == (60, 60)
+    # a volume with nothing found costs the samples only and is all background
+    net.pixels = 0
+    empty = predict_volume(model, np.full((60, 64, 64), -1000, np.int16), spacing_mm=spacing, modality="CT")
+    assert not empty.labels.any() and net.pixels == sampled * 64 * 64
+    # short volumes (a cardiac stack) run whole, as before
+    net.pixels = 0
+    predict_volume(model, data[:40], spacing_mm=spacing, modality="CT")
+    assert net.pixels == 40 * 128 * 128
+
+
+def test_keep_largest_components_in_place_looks_only_where_labels_are():
+    labels = np.zeros((40, 60, 60), np.uint8)
+    labels[10:20, 20:30, 20:30] = 1
+    labels[25, 40, 40] = 1   # an island
+    labels[12:14, 22:24, 40:45] = 2
+    expected = labels.copy()
+    expected[25, 40, 40] = 0
+    assert np.array_equal(keep_largest_components(labels), expected) and labels[25, 40, 40] == 1
+    same = keep_largest_components(labels, in_place=True)
+    assert same is labels and np.array_equal(labels, expected)
+    with pytest.raises(ConsistentSegError):
+        keep_largest_components(np.array([[-1, 1]], np.int8))

@@ -46,6 +46,16 @@ Progress = Callable[[int, int], None]
 #: "labels": argmax at the model's resolution, nearest upsampling of the labels (benchmarks/speed.py).
 UPSAMPLING = ("probabilities", "labels")
 
+#: The region search of `infer` (2D models whose post-processing keeps one component per class):
+#: volumes of at least REGION_MIN_SLICES slices run whole slices REGION_STEP_MM apart (every
+#: REGION_STEP_SLICES-th slice where the spacing is unknown) first, then only the slices and the
+#: in-plane box, widened by REGION_MARGIN_MM (REGION_MARGIN_PX), around what they found.
+REGION_MIN_SLICES = 48
+REGION_STEP_MM = 15.0
+REGION_STEP_SLICES = 5
+REGION_MARGIN_MM = 30.0
+REGION_MARGIN_PX = 40
+
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/"auto": CUDA if present, then Apple MPS, else CPU; otherwise the named device."""
@@ -347,38 +357,63 @@ def inplane_size(shape_yx, spacing_mm, target_yx) -> tuple[int, int] | None:
 
 # ---- stage 2: infer ------------------------------------------------------------------------------
 
-def _slice_batches(prepared: PreparedScan, batch_size: int, device, cancel):
-    """Yield (start, stop, x): x (B, 1, h, w) float32 on ``device``, normalised, at the model's size.
+def _slice_batches(prepared: PreparedScan, batch_size: int, device, cancel, index=None, box=None):
+    """Yield (where, x): x (B, 1, h, w) float32 on ``device``, normalised, at the model's size.
 
+    ``index``: the z slices to run, in increasing order (default all); ``box``: (rows, columns)
+    slices of each slice to run alone (default the whole slice). ``where`` indexes the slices of a
+    batch along z (a slice object where they are consecutive).
     Batches of at most ``batch_size`` slices, as even as can be: a 10-slice cine phase runs as two
     batches of 5, not 8 + 2 (104 against 113 ms on our CPU; docs/inference.md)."""
-    z = prepared.data.shape[0]
-    batch_size = max(1, math.ceil(z / max(1, math.ceil(z / max(1, batch_size)))))
-    for start in range(0, z, batch_size):
+    h, w = prepared.data.shape[1:]
+    index = np.arange(prepared.data.shape[0]) if index is None else np.asarray(index, dtype=int)
+    rows, cols = box if box is not None else (slice(0, h), slice(0, w))
+    size = prepared.model_size_yx
+    if size and box is not None:  # the crop at the model's spacing: the same scale as whole slices
+        size = tuple(max(1, round(n * m / full)) for n, m, full in
+                     zip((rows.stop - rows.start, cols.stop - cols.start), size, (h, w)))
+    n = len(index)
+    batch_size = max(1, math.ceil(n / max(1, math.ceil(n / max(1, batch_size)))))
+    for start in range(0, n, batch_size):
         check_cancel(cancel)
-        stop = min(start + batch_size, z)
-        x = prepared.intensity(torch.from_numpy(np.ascontiguousarray(prepared.data[start:stop])).to(device))[:, None]
-        if prepared.model_size_yx:
-            x = F.interpolate(x, size=prepared.model_size_yx, mode="bilinear", align_corners=False)
-        yield start, stop, x
+        part = index[start:start + batch_size]
+        where = slice(int(part[0]), int(part[-1]) + 1) if part[-1] - part[0] == len(part) - 1 else part
+        raw = prepared.data[where, rows, cols]
+        x = prepared.intensity(torch.from_numpy(np.ascontiguousarray(raw)).to(device))[:, None]
+        if size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        yield where, x
 
 
 def _each_batch(work, prepared: PreparedScan, batch_size: int, device, progress, cancel,
-                mixed_precision: bool = True) -> None:
-    """Call ``work(start, stop, x)`` on every slice batch (`_slice_batches`) in turn, under
+                mixed_precision: bool = True, runs=None) -> None:
+    """Call ``work(where, x)`` on every slice batch (`_slice_batches`) in turn, under
     inference mode and the threads of `inference_threads`; with ``mixed_precision``, in the
     precision of `inference_precision` (labels), else float32 (maps that users read as numbers).
+
+    ``runs``: an iterable of (index, box) passes (default one pass over every whole slice); it may
+    be a generator that decides the next pass from the results so far. Progress counts the slices
+    run, plus those left out, which ``runs`` yields as a count.
 
     (Two batches at once, each in a worker on one torch thread, gained nothing measurable on our
     2-core CPU over one batch on two threads: docs/inference.md.)
     """
     z = prepared.data.shape[0]
+    done = 0
     precision = _autocast(device) if mixed_precision else contextlib.nullcontext()
     with torch.inference_mode(), precision, _cpu_threads(device):
-        for start, stop, x in _slice_batches(prepared, batch_size, device, cancel):
-            work(start, stop, x)
-            if progress is not None:
-                progress(stop, z)
+        for run in runs if runs is not None else [(None, None)]:
+            if not isinstance(run, tuple):  # slices that will not run: count them as done
+                done += int(run)
+                continue
+            index, box = run
+            for where, x in _slice_batches(prepared, batch_size, device, cancel, index, box):
+                work(where, x)
+                done += len(range(z)[where]) if isinstance(where, slice) else len(where)
+                if progress is not None:
+                    progress(done, z)
+    if progress is not None and done < z:
+        progress(z, z)
 
 
 @dataclass
@@ -390,11 +425,16 @@ class Inferred:
 
 
 def infer(model: Model, prepared: PreparedScan, *, device=None, batch_size: int = 8, overlap: float = 0.25,
-          return_probabilities: bool = False, upsampling: str = "probabilities",
+          return_probabilities: bool = False, upsampling: str = "probabilities", region: bool = False,
           progress: Progress | None = None, cancel=None) -> Inferred:
     """Stage 2: labels of every slice (2D) or window (3D), reduced to uint8 batch by batch.
 
     ``upsampling`` (2D models at another spacing): see :data:`UPSAMPLING`.
+    ``region`` (2D models, labels only, volumes of REGION_MIN_SLICES slices or more): find the
+    labeled region on slices REGION_STEP_MM apart, then run only the slices and the in-plane box
+    around it; everything outside is background (`_region_runs`). For models whose post-processing
+    keeps one component per class (`uses_region`), where it changes what post-processing leaves by
+    little and saves most of the work on a scan whose organs fill part of it (docs/inference.md).
     """
     if upsampling not in UPSAMPLING:
         raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
@@ -413,7 +453,13 @@ def infer(model: Model, prepared: PreparedScan, *, device=None, batch_size: int 
     native = _channels_last_copy(model.backbone, device)
     dtype = None if native is None else next(native.parameters()).dtype
 
-    def work(start, stop, x):
+    def work(where, x):
+        if box[0] is not None:
+            rows, cols = box[0]
+            h, w = rows.stop - rows.start, cols.stop - cols.start
+        else:
+            rows = cols = slice(None)
+            h, w = labels.shape[1:]
         if native is not None:
             logits = native(x.to(dtype).contiguous(memory_format=torch.channels_last))
         else:
@@ -422,18 +468,64 @@ def infer(model: Model, prepared: PreparedScan, *, device=None, batch_size: int 
             probs = logits.float().softmax(1)
             if resized:
                 probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-            labels[start:stop] = argmax_labels(probs).cpu().numpy()
-            probabilities[:, start:stop] = probs.to(torch.float16).transpose(0, 1).cpu().numpy()
-        elif resized and upsampling == "probabilities":
-            labels[start:stop] = bilinear_argmax(logits.float().softmax(1), (h, w)).cpu().numpy()
+            labels[where] = argmax_labels(probs).cpu().numpy()
+            probabilities[:, where] = probs.to(torch.float16).transpose(0, 1).cpu().numpy()
+            return
+        if resized and upsampling == "probabilities":
+            result = bilinear_argmax(logits.float().softmax(1), (h, w))
         else:  # argmax of the logits (in the precision they came in: widening is exact) is the softmax's
-            lab = argmax_labels(logits)[:, None]
+            result = argmax_labels(logits)[:, None]
             if resized:
-                lab = F.interpolate(lab, size=(h, w), mode="nearest-exact")
-            labels[start:stop] = lab[:, 0].cpu().numpy()
+                result = F.interpolate(result, size=(h, w), mode="nearest-exact")
+            result = result[:, 0]
+        labels[where, rows, cols] = result.cpu().numpy()
 
-    _each_batch(work, prepared, batch_size, device, progress, cancel, mixed_precision=native is None)
+    box = [None]
+    runs = _region_runs(prepared, labels, box) if region and not return_probabilities and z >= REGION_MIN_SLICES else None
+    _each_batch(work, prepared, batch_size, device, progress, cancel, mixed_precision=native is None, runs=runs)
     return Inferred(labels, probabilities)
+
+
+def uses_region(model: Model, keep_largest: bool | None = None) -> bool:
+    """Whether `segment` and `predict_volume` let `infer` search the labeled region first: 2D models
+    whose post-processing keeps each class's largest component (as the card says, or forced)."""
+    if model.spatial_dims != 2 or keep_largest is False or model.card.cardiac_cleanup:
+        return False
+    return bool(keep_largest or model.card.keep_largest_component)
+
+
+def _region_runs(prepared: PreparedScan, labels: np.ndarray, box: list):
+    """The passes of a region search (`infer`'s ``region``), for `_each_batch`.
+
+    1. Every slice about REGION_STEP_MM apart, whole (the samples).
+    2. The other slices from the last empty sample before the first labeled one to the first empty
+       sample after the last labeled one, each cropped to one box: around every label the samples
+       hold, widened by REGION_MARGIN_MM in-plane. An organ that ends between two samples is
+       inside that range; one that no sample meets (shorter than REGION_STEP_MM) is missed.
+    Every other slice stays background. ``box[0]`` is the crop of the pass in progress (None:
+    whole slices), for the caller's ``work``; labels go into ``labels`` as the passes run.
+    """
+    z, h, w = labels.shape
+    spacing = _known_spacing(prepared)  # not 1 mm where the file lost the voxel size
+    if spacing:
+        step = max(1, round(REGION_STEP_MM / spacing[0]))
+        margin = tuple(round(REGION_MARGIN_MM / s) for s in spacing[1:])
+    else:
+        step, margin = REGION_STEP_SLICES, (REGION_MARGIN_PX, REGION_MARGIN_PX)
+    samples = np.unique(np.r_[np.arange(0, z, step), z - 1])
+    labels[...] = 0
+    box[0] = None
+    yield samples, None
+    labeled = samples[labels[samples].any(axis=(1, 2))]
+    if labeled.size == 0:
+        yield z - len(samples)  # slices left out count as done
+        return
+    rest = np.setdiff1d(np.arange(max(0, labeled[0] - step), min(z, labeled[-1] + step + 1)), samples)
+    seen = labels[labeled].any(axis=0)
+    box[0] = tuple(slice(max(0, int(hits[0]) - m), min(n, int(hits[-1]) + 1 + m)) for hits, m, n in
+                   ((np.flatnonzero(seen.any(axis=1)), margin[0], h), (np.flatnonzero(seen.any(axis=0)), margin[1], w)))
+    yield z - len(samples) - len(rest)
+    yield rest, box[0]
 
 
 def _linear_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, ...]:
@@ -501,11 +593,11 @@ def _float_maps(forward, prepared: PreparedScan, channels: int, device, batch_si
     z, h, w = prepared.data.shape
     out = np.empty((channels, z, h, w), np.float32)
 
-    def work(start, stop, x):
+    def work(where, x):
         result = forward(x).float()
         if prepared.model_size_yx:
             result = F.interpolate(result, size=(h, w), mode="bilinear", align_corners=False)
-        out[:, start:stop] = result.transpose(0, 1).cpu().numpy()
+        out[:, where] = result.transpose(0, 1).cpu().numpy()
 
     _each_batch(work, prepared, batch_size, device, progress, cancel, mixed_precision=False)
     return out
@@ -534,7 +626,7 @@ def _sliding_window_3d(model: Model, prepared: PreparedScan, device, overlap, pr
 # ---- stage 3: post-process -----------------------------------------------------------------------
 
 def post_process(model: Model, labels: np.ndarray, keep_largest: bool | None = None,
-                 spacing_mm=None, corrections=None) -> np.ndarray:
+                 spacing_mm=None, corrections=None, *, in_place: bool = False) -> np.ndarray:
     """Stage 3: the card's post-processing of (Z, Y, X) labels, axis 0 the model's slicing axis.
 
     Cards with ``postprocessing.cardiac`` get the cardiac clean-up (one heart, closed myocardium,
@@ -545,6 +637,8 @@ def post_process(model: Model, labels: np.ndarray, keep_largest: bool | None = N
     ``corrections``: the user's (labels, known) on the same grid; the cardiac clean-up keeps the
     slices the user corrected and left LV on (`clean_cardiac_labels`' ``keep_slices``): a slice
     where the user trimmed the cavity's edge is a slice they saw as heart.
+    ``in_place``: the largest components may be kept in ``labels`` itself (an array of the caller's
+    own, such as `infer`'s labels), which saves a copy of the volume.
     """
     if keep_largest is False:
         return labels
@@ -561,7 +655,7 @@ def post_process(model: Model, labels: np.ndarray, keep_largest: bool | None = N
         return clean_cardiac_labels(labels, spacing_mm, classes=classes, keep_slices=keep)
     if keep_largest is None:
         keep_largest = bool(model.card.keep_largest_component)
-    return keep_largest_components(labels) if keep_largest else labels
+    return keep_largest_components(labels, in_place=in_place) if keep_largest else labels
 
 
 def _known_spacing(prepared: PreparedScan):
@@ -571,30 +665,38 @@ def _known_spacing(prepared: PreparedScan):
     return prepared.spacing_mm
 
 
-def keep_largest_components(labels: np.ndarray) -> np.ndarray:
+def keep_largest_components(labels: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     """Each class keeps its largest connected component (full connectivity); the rest becomes 0.
 
     For anatomy where every class is one organ: it removes the islands a slice-wise model leaves
-    on other slices, which dominate HD95 (see docs/benchmarks.md). Returns a new array.
+    on other slices, which dominate HD95 (see docs/benchmarks.md). Returns a new array, or
+    ``labels`` itself changed with ``in_place`` (the pipeline's own arrays).
     scipy.ndimage on each class's bounding box, not MONAI's KeepLargestConnectedComponent: same
-    result, several times faster on a 512x512x300 CT (benchmarks/speed.py).
+    result, several times faster on a 512x512x300 CT (benchmarks/speed.py). The boxes are looked
+    for only inside the box of all labels, found from the array's projections.
     """
-    out = np.array(labels, copy=True)
+    out = labels if in_place else np.array(labels, copy=True)
     if out.ndim == 0 or out.size == 0:
         return out
-    structure = ndimage.generate_binary_structure(out.ndim, out.ndim)
-    boxes = ndimage.find_objects(out) if np.issubdtype(out.dtype, np.integer) and out.min() >= 0 else None
-    if boxes is None:
+    if not np.issubdtype(out.dtype, np.integer) or (out.dtype.kind == "i" and out.min() < 0):
         raise ConsistentSegError("label maps hold whole numbers >= 0")
-    for value, box in enumerate(boxes, start=1):
+    labeled = out.astype(bool, copy=False) if out.dtype.itemsize == 1 else out != 0
+    outer = []
+    for axis in range(out.ndim):
+        hits = np.flatnonzero(labeled.any(axis=tuple(a for a in range(out.ndim) if a != axis)))
+        if hits.size == 0:
+            return out
+        outer.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    inner = out[tuple(outer)]
+    structure = ndimage.generate_binary_structure(out.ndim, out.ndim)
+    for value, box in enumerate(ndimage.find_objects(inner), start=1):
         if box is None:
             continue
-        region = out[box]
+        region = inner[box]
         mask = region == value
         components, n = ndimage.label(mask, structure)
         if n > 1:
-            sizes = np.bincount(components.ravel())
-            sizes[0] = 0
+            sizes = np.bincount(components[mask])
             region[mask & (components != int(sizes.argmax()))] = 0
     return out
 
@@ -674,9 +776,11 @@ def segment(
                 progress(offset + done, len(chosen) * n)
 
         inferred = infer(model, prepared, device=device, batch_size=batch_size,
-                         return_probabilities=return_probabilities, progress=phase_progress, cancel=cancel)
+                         return_probabilities=return_probabilities, region=uses_region(model, keep_largest),
+                         progress=phase_progress, cancel=cancel)
         in_view = None if fixes is None else [prepared.source.transfer(a, prepared.view) for a in fixes[:2]]
-        result = restore(prepared, post_process(model, inferred.labels, keep_largest, _known_spacing(prepared), in_view))
+        result = restore(prepared, post_process(model, inferred.labels, keep_largest, _known_spacing(prepared), in_view,
+                                                in_place=True))
         if fixes is not None:
             result = apply_corrections(result, *fixes, labeled=labeled)
         if t is None:
@@ -843,11 +947,12 @@ def predict_volume(
             raise InvalidInputError(f"slices {index.tolist()} out of range for a volume of {n} slices")
         prepared.data = prepared.data[index]
     inferred = infer(model, prepared, device=device, batch_size=batch_size, overlap=overlap,
-                     return_probabilities=return_probabilities, progress=progress, cancel=cancel)
+                     return_probabilities=return_probabilities,
+                     region=slices is None and uses_region(model, keep_largest), progress=progress, cancel=cancel)
     labels, probs = inferred.labels, inferred.probabilities
     if slices is None:
         labels = post_process(model, labels, keep_largest, prepared.spacing_mm,
-                              None if corrections is None else corrections[:2])
+                              None if corrections is None else corrections[:2], in_place=True)
         if corrections is not None:
             labels = apply_corrections(labels, *corrections)
     if single:

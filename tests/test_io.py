@@ -335,3 +335,20 @@ def test_io_imports_neither_napari_nor_qt():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_gzip_members_one_after_another_and_padding_read_like_one(shared_data, tmp_path):
+    """.nii.gz is read in one zlib call per gzip member (faster than nibabel's chunks): a file of
+    several members (concatenated by tools such as pigz or cat) or zero-padded reads the same."""
+    import gzip
+
+    source = _case(shared_data, "chaos_t2")
+    raw = gzip.decompress(source.read_bytes())
+    split = tmp_path / "members.nii.gz"
+    split.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]) + b"\0" * 16)
+    plain = tmp_path / "plain.nii"
+    plain.write_bytes(raw)
+    expected = load_volume(plain)
+    for path in (source, split):
+        volume = load_volume(path)
+        assert np.array_equal(volume.data, expected.data) and volume.geometry == expected.geometry

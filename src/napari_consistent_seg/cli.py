@@ -81,18 +81,35 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def cmd_predict(args) -> int:
-    from .inference import model_plane, segment
-    from .io import load_volume, save_nifti
-    from .metrics import class_sizes
-    from .models.store import load_model
+    from concurrent.futures import ThreadPoolExecutor
 
-    model = load_model(args.model, with_modules=False)
+    from .io import load_volume, save_nifti
+
+    try:
+        inputs, missing = expand_inputs(args.inputs), None
+    except ConsistentSegError as error:  # reported after the model's name, as before
+        inputs, missing = [], error
+    with ThreadPoolExecutor(1) as pool:
+        # The first scan loads while torch and the model do (decompression frees the GIL):
+        # about a second of a CT's 12 (docs/inference.md).
+        first = pool.submit(load_volume, inputs[0], modality=args.modality) if inputs else None
+        from .inference import model_plane, segment
+        from .metrics import class_sizes
+        from .models.store import load_model
+
+        try:
+            model = load_model(args.model, with_modules=False)
+        finally:
+            if first is not None:
+                first.cancel()
+    if missing is not None:
+        raise missing
     outdir = Path(args.output)
     outdir.mkdir(parents=True, exist_ok=True)
     failures = 0
-    for path in expand_inputs(args.inputs):
+    for path in inputs:
         try:
-            volume = load_volume(path, modality=args.modality)
+            volume = first.result() if path is inputs[0] else load_volume(path, modality=args.modality)
         except ConsistentSegError as exc:
             print(f"skipped {path}: {exc}", file=sys.stderr)
             failures += 1
@@ -385,8 +402,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The command line (``argv`` None: sys.argv, a process of its own; else a call from Python)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    finally:
+        if argv is None:
+            # The process ends next: the interpreter's last garbage collection would walk every
+            # object torch's import made, about 1 s on our CPU (docs/inference.md). Frozen
+            # objects are skipped; atexit handlers still run.
+            import gc
+
+            gc.freeze()
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except ConsistentSegError as exc:

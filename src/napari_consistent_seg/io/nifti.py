@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -16,6 +17,34 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 def is_nifti_path(path) -> bool:
     """True if the name ends in .nii or .nii.gz (any case); the content is not checked."""
     return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _gunzip(path: Path) -> bytes:
+    """The whole decompressed content of a .gz file, each gzip member in one zlib call.
+
+    Faster than nibabel's chunked reading (1.37 -> 1.19 s for a 157 MB CT, benchmarks/speed.py's),
+    and zlib lets other threads run meanwhile (the CLI loads a scan while torch loads).
+    EOFError for a truncated file, zlib.error for one that is not gzip.
+    """
+    rest, parts = path.read_bytes(), []
+    while rest.strip(b"\0"):  # members one after another; zero padding at the end is allowed
+        stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        parts.append(stream.decompress(rest))
+        if not stream.eof:
+            raise EOFError("the compressed data ends before its end-of-stream marker")
+        rest = stream.unused_data
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _load_image(path: Path):
+    """nibabel's image of a NIfTI file, its voxels in memory (no memory map: a mapped file stays
+    open, locked on Windows, and could not be saved over)."""
+    if not path.name.lower().endswith(".nii.gz"):
+        return nib.load(path, mmap=False)
+    content = _gunzip(path)
+    size = int.from_bytes(content[:4], "little")
+    nifti2 = 540 in (size, int.from_bytes(content[:4], "big"))
+    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(content)
 
 
 def nifti_stem(path) -> str:
@@ -41,11 +70,15 @@ def read_nifti(path) -> Volume:
     name = nifti_stem(path)
     warnings: list[str] = []
     try:
-        # No memory map: a mapped file stays open (locked on Windows) and could not be saved over.
-        image = nib.load(path, mmap=False)
+        image = _load_image(path)
         header = image.header
         shape = tuple(int(n) for n in image.shape)
         dtype = header.get_data_dtype()
+    except EOFError as error:
+        raise VolumeReadError(
+            f"{path} is truncated or corrupt: its compressed data ends early ({error}). "
+            "Copy or download the file again."
+        ) from error
     except Exception as error:  # nibabel raises several types for files that are not NIfTI
         raise VolumeReadError(
             f"{path} is not a readable NIfTI image ({type(error).__name__}: {error}). "

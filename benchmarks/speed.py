@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_consistent_seg import inference
 from napari_consistent_seg.inference import (
     PRECISION_ENV,
     argmax_labels,
@@ -57,6 +58,7 @@ from napari_consistent_seg.inference import (
     post_process,
     predict_volume,
     prepare_array,
+    uses_region,
 )
 from napari_consistent_seg.models.store import load_model
 from napari_consistent_seg.models.unet import count_parameters
@@ -195,6 +197,17 @@ def float32_only():
             os.environ[PRECISION_ENV] = before
 
 
+@contextlib.contextmanager
+def whole_slices():
+    """`infer` without its region search: every slice, whole (as before 2026-12-01)."""
+    before = inference.REGION_MIN_SLICES
+    inference.REGION_MIN_SLICES = sys.maxsize
+    try:
+        yield
+    finally:
+        inference.REGION_MIN_SLICES = before
+
+
 def section_ct(out: list[str], model, image, reference, repeats: int) -> None:
     def new():
         return predict_volume(model, image, spacing_mm=CT_SPACING, modality="CT").labels
@@ -203,15 +216,20 @@ def section_ct(out: list[str], model, image, reference, repeats: int) -> None:
         with float32_only():
             return new()
 
+    def new_whole():
+        with whole_slices():
+            return new()
+
     results = {}
-    names = {"new": new, "new, float32": new_float32,
+    names = {"new": new, "new, float32": new_float32, "new, whole slices": new_whole,
              "previous": lambda: previous_predict(model, image, CT_SPACING, "CT")}
     times = interleaved({name: lambda name=name, fn=fn: results.__setitem__(name, fn())
                          for name, fn in names.items()}, repeats, warmup=False)
     precision = inference_precision(torch.device("cpu"))
     out += [f"## 512 x 512 x 300 HU CT, abdomen-ct-mri ({repeats} interleaved runs each)", "",
             f"\"new\" runs in {precision} here (`inference_precision`); \"new, float32\" is the same pipeline "
-            "with CONSISTENT_SEG_PRECISION=float32.", "",
+            "with CONSISTENT_SEG_PRECISION=float32; \"new, whole slices\" without the region search "
+            "(every slice, whole).", "",
             "| pipeline | median wall time | min-max | x faster than previous (median of pairs) | labels differing from previous |",
             "|---|---|---|---|---|"]
     for name in names:
@@ -229,10 +247,10 @@ def section_ct(out: list[str], model, image, reference, repeats: int) -> None:
     prepared = prepare_array(model, image, CT_SPACING, "CT")
     stage["prepare"] = time.perf_counter() - start
     start = time.perf_counter()
-    inferred = infer(model, prepared)
+    inferred = infer(model, prepared, region=uses_region(model))
     stage["infer"] = time.perf_counter() - start
     start = time.perf_counter()
-    post_process(model, inferred.labels)
+    post_process(model, inferred.labels, in_place=True)
     stage["post_process"] = time.perf_counter() - start
     total = sum(stage.values())
     out += ["Stages of the new pipeline (one run): " + ", ".join(

@@ -361,8 +361,9 @@ def _slice_batches(prepared: PreparedScan, batch_size: int, device, cancel, inde
     """Yield (where, x): x (B, 1, h, w) float32 on ``device``, normalised, at the model's size.
 
     ``index``: the z slices to run, in increasing order (default all); ``box``: (rows, columns)
-    slices of each slice to run alone (default the whole slice). ``where`` indexes the slices of a
-    batch along z (a slice object where they are consecutive).
+    slices of each slice to run alone (default the whole slice). ``where`` = (slices, rows,
+    columns), the part of the (Z, Y, X) volume that x is (slices: a slice object where they are
+    consecutive, else their indices).
     Batches of at most ``batch_size`` slices, as even as can be: a 10-slice cine phase runs as two
     batches of 5, not 8 + 2 (104 against 113 ms on our CPU; docs/inference.md)."""
     h, w = prepared.data.shape[1:]
@@ -382,7 +383,7 @@ def _slice_batches(prepared: PreparedScan, batch_size: int, device, cancel, inde
         x = prepared.intensity(torch.from_numpy(np.ascontiguousarray(raw)).to(device))[:, None]
         if size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        yield where, x
+        yield (where, rows, cols), x
 
 
 def _each_batch(work, prepared: PreparedScan, batch_size: int, device, progress, cancel,
@@ -409,7 +410,7 @@ def _each_batch(work, prepared: PreparedScan, batch_size: int, device, progress,
             index, box = run
             for where, x in _slice_batches(prepared, batch_size, device, cancel, index, box):
                 work(where, x)
-                done += len(range(z)[where]) if isinstance(where, slice) else len(where)
+                done += len(x)
                 if progress is not None:
                     progress(done, z)
     if progress is not None and done < z:
@@ -454,12 +455,8 @@ def infer(model: Model, prepared: PreparedScan, *, device=None, batch_size: int 
     dtype = None if native is None else next(native.parameters()).dtype
 
     def work(where, x):
-        if box[0] is not None:
-            rows, cols = box[0]
-            h, w = rows.stop - rows.start, cols.stop - cols.start
-        else:
-            rows = cols = slice(None)
-            h, w = labels.shape[1:]
+        rows, cols = where[1:]
+        size = (rows.stop - rows.start, cols.stop - cols.start)
         if native is not None:
             logits = native(x.to(dtype).contiguous(memory_format=torch.channels_last))
         else:
@@ -467,21 +464,21 @@ def infer(model: Model, prepared: PreparedScan, *, device=None, batch_size: int 
         if return_probabilities:
             probs = logits.float().softmax(1)
             if resized:
-                probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+                probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
             labels[where] = argmax_labels(probs).cpu().numpy()
-            probabilities[:, where] = probs.to(torch.float16).transpose(0, 1).cpu().numpy()
+            probabilities[(slice(None), *where)] = probs.to(torch.float16).transpose(0, 1).cpu().numpy()
             return
         if resized and upsampling == "probabilities":
-            result = bilinear_argmax(logits.float().softmax(1), (h, w))
+            result = bilinear_argmax(logits.float().softmax(1), size)
         else:  # argmax of the logits (in the precision they came in: widening is exact) is the softmax's
             result = argmax_labels(logits)[:, None]
             if resized:
-                result = F.interpolate(result, size=(h, w), mode="nearest-exact")
+                result = F.interpolate(result, size=size, mode="nearest-exact")
             result = result[:, 0]
-        labels[where, rows, cols] = result.cpu().numpy()
+        labels[where] = result.cpu().numpy()
 
-    box = [None]
-    runs = _region_runs(prepared, labels, box) if region and not return_probabilities and z >= REGION_MIN_SLICES else None
+    search = region and not return_probabilities and z >= REGION_MIN_SLICES
+    runs = _region_runs(prepared, labels) if search else None
     _each_batch(work, prepared, batch_size, device, progress, cancel, mixed_precision=native is None, runs=runs)
     return Inferred(labels, probabilities)
 
@@ -494,7 +491,7 @@ def uses_region(model: Model, keep_largest: bool | None = None) -> bool:
     return bool(keep_largest or model.card.keep_largest_component)
 
 
-def _region_runs(prepared: PreparedScan, labels: np.ndarray, box: list):
+def _region_runs(prepared: PreparedScan, labels: np.ndarray):
     """The passes of a region search (`infer`'s ``region``), for `_each_batch`.
 
     1. Every slice about REGION_STEP_MM apart, whole (the samples).
@@ -502,8 +499,8 @@ def _region_runs(prepared: PreparedScan, labels: np.ndarray, box: list):
        sample after the last labeled one, each cropped to one box: around every label the samples
        hold, widened by REGION_MARGIN_MM in-plane. An organ that ends between two samples is
        inside that range; one that no sample meets (shorter than REGION_STEP_MM) is missed.
-    Every other slice stays background. ``box[0]`` is the crop of the pass in progress (None:
-    whole slices), for the caller's ``work``; labels go into ``labels`` as the passes run.
+    Every other slice stays background. Yields (slices, box) passes and counts of slices left out;
+    the caller's passes write into ``labels``, which the next pass reads.
     """
     z, h, w = labels.shape
     spacing = _known_spacing(prepared)  # not 1 mm where the file lost the voxel size
@@ -514,7 +511,6 @@ def _region_runs(prepared: PreparedScan, labels: np.ndarray, box: list):
         step, margin = REGION_STEP_SLICES, (REGION_MARGIN_PX, REGION_MARGIN_PX)
     samples = np.unique(np.r_[np.arange(0, z, step), z - 1])
     labels[...] = 0
-    box[0] = None
     yield samples, None
     labeled = samples[labels[samples].any(axis=(1, 2))]
     if labeled.size == 0:
@@ -522,10 +518,10 @@ def _region_runs(prepared: PreparedScan, labels: np.ndarray, box: list):
         return
     rest = np.setdiff1d(np.arange(max(0, labeled[0] - step), min(z, labeled[-1] + step + 1)), samples)
     seen = labels[labeled].any(axis=0)
-    box[0] = tuple(slice(max(0, int(hits[0]) - m), min(n, int(hits[-1]) + 1 + m)) for hits, m, n in
-                   ((np.flatnonzero(seen.any(axis=1)), margin[0], h), (np.flatnonzero(seen.any(axis=0)), margin[1], w)))
+    box = tuple(slice(max(0, int(hits[0]) - m), min(n, int(hits[-1]) + 1 + m)) for hits, m, n in
+                ((np.flatnonzero(seen.any(axis=1)), margin[0], h), (np.flatnonzero(seen.any(axis=0)), margin[1], w)))
     yield z - len(samples) - len(rest)
-    yield rest, box[0]
+    yield rest, box
 
 
 def _linear_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, ...]:
@@ -597,7 +593,7 @@ def _float_maps(forward, prepared: PreparedScan, channels: int, device, batch_si
         result = forward(x).float()
         if prepared.model_size_yx:
             result = F.interpolate(result, size=(h, w), mode="bilinear", align_corners=False)
-        out[:, where] = result.transpose(0, 1).cpu().numpy()
+        out[(slice(None), *where)] = result.transpose(0, 1).cpu().numpy()
 
     _each_batch(work, prepared, batch_size, device, progress, cancel, mixed_precision=False)
     return out

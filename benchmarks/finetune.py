@@ -141,8 +141,11 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   2026-11-29 (some of its cardiac rows before the cardiac clean-up): compare them with each other,
   not with today's rows.
 - Start Dice bands are of the Dice on the unpainted voxels before fine-tuning.
-- Round times are wall seconds of the steps with two rounds sharing the 2 cores; a default round
-  alone on a 10-slice scan: `--timing` (docs/training.md).
+- Round times are wall seconds of the steps with two rounds sharing the 2 cores (a Zen 4, bf16);
+  a default round alone on a 10-slice scan: `--timing` (docs/training.md). The btcv_ct rows of
+  `default` and its blends were run again on 2026-12-01, after `segment` gained its region search
+  (docs/inference.md), which changed their start: on a Zen 3 (float32), one round at a time on 2
+  threads, so their times are not comparable with the others.
 - mnms2 and sunnybrook are oblique short-axis scans; the cardiac model slices them in their
   acquisition plane. Sunnybrook's labels miss the RV (and the myocardium at ES) and some slices:
   only contoured slices and labeled classes are scored, and voxels the model calls an unlabeled

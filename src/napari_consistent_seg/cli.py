@@ -92,24 +92,20 @@ def cmd_predict(args) -> int:
     with ThreadPoolExecutor(1) as pool:
         # The first scan loads while torch and the model do (decompression frees the GIL):
         # about a second of a CT's 12 (docs/inference.md).
-        first = pool.submit(load_volume, inputs[0], modality=args.modality) if inputs else None
+        preloaded = pool.submit(load_volume, inputs[0], modality=args.modality) if inputs else None
         from .inference import model_plane, segment
         from .metrics import class_sizes
         from .models.store import load_model
 
-        try:
-            model = load_model(args.model, with_modules=False)
-        finally:
-            if first is not None:
-                first.cancel()
+        model = load_model(args.model, with_modules=False)
     if missing is not None:
         raise missing
     outdir = Path(args.output)
     outdir.mkdir(parents=True, exist_ok=True)
     failures = 0
-    for path in inputs:
+    for i, path in enumerate(inputs):
         try:
-            volume = first.result() if path is inputs[0] else load_volume(path, modality=args.modality)
+            volume = preloaded.result() if i == 0 else load_volume(path, modality=args.modality)
         except ConsistentSegError as exc:
             print(f"skipped {path}: {exc}", file=sys.stderr)
             failures += 1

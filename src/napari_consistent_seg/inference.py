@@ -485,10 +485,8 @@ def infer(model: Model, prepared: PreparedScan, *, device=None, batch_size: int 
 
 def uses_region(model: Model, keep_largest: bool | None = None) -> bool:
     """Whether `segment` and `predict_volume` let `infer` search the labeled region first: 2D models
-    whose post-processing keeps each class's largest component (as the card says, or forced)."""
-    if model.spatial_dims != 2 or keep_largest is False or model.card.cardiac_cleanup:
-        return False
-    return bool(keep_largest or model.card.keep_largest_component)
+    whose post-processing keeps each class's largest component (`_keeps_largest_components`)."""
+    return model.spatial_dims == 2 and _keeps_largest_components(model, keep_largest)
 
 
 def _region_runs(prepared: PreparedScan, labels: np.ndarray):
@@ -517,9 +515,8 @@ def _region_runs(prepared: PreparedScan, labels: np.ndarray):
         yield z - len(samples)  # slices left out count as done
         return
     rest = np.setdiff1d(np.arange(max(0, labeled[0] - step), min(z, labeled[-1] + step + 1)), samples)
-    seen = labels[labeled].any(axis=0)
-    box = tuple(slice(max(0, int(hits[0]) - m), min(n, int(hits[-1]) + 1 + m)) for hits, m, n in
-                ((np.flatnonzero(seen.any(axis=1)), margin[0], h), (np.flatnonzero(seen.any(axis=0)), margin[1], w)))
+    seen = _nonzero_box(labels[labeled].any(axis=0))
+    box = tuple(slice(max(0, s.start - m), min(n, s.stop + m)) for s, m, n in zip(seen, margin, (h, w)))
     yield z - len(samples) - len(rest)
     yield rest, box
 
@@ -649,9 +646,28 @@ def post_process(model: Model, labels: np.ndarray, keep_largest: bool | None = N
             touched = known.reshape(len(known), -1).any(1)
             keep = np.flatnonzero(touched & lv.reshape(len(lv), -1).any(1))
         return clean_cardiac_labels(labels, spacing_mm, classes=classes, keep_slices=keep)
-    if keep_largest is None:
-        keep_largest = bool(model.card.keep_largest_component)
-    return keep_largest_components(labels, in_place=in_place) if keep_largest else labels
+    if not _keeps_largest_components(model, keep_largest):
+        return labels
+    return keep_largest_components(labels, in_place=in_place)
+
+
+def _keeps_largest_components(model: Model, keep_largest: bool | None) -> bool:
+    """Whether `post_process` ends in `keep_largest_components` (and not the cardiac clean-up)."""
+    if keep_largest is False or model.card.cardiac_cleanup:
+        return False
+    return bool(keep_largest or model.card.keep_largest_component)
+
+
+def _nonzero_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every nonzero element of ``mask``, from its projections (no label
+    pass over the array); None when there is none."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
 def _known_spacing(prepared: PreparedScan):
@@ -676,14 +692,10 @@ def keep_largest_components(labels: np.ndarray, *, in_place: bool = False) -> np
         return out
     if not np.issubdtype(out.dtype, np.integer) or (out.dtype.kind == "i" and out.min() < 0):
         raise ConsistentSegError("label maps hold whole numbers >= 0")
-    labeled = out.astype(bool, copy=False) if out.dtype.itemsize == 1 else out != 0
-    outer = []
-    for axis in range(out.ndim):
-        hits = np.flatnonzero(labeled.any(axis=tuple(a for a in range(out.ndim) if a != axis)))
-        if hits.size == 0:
-            return out
-        outer.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    inner = out[tuple(outer)]
+    outer = _nonzero_box(out != 0)
+    if outer is None:
+        return out
+    inner = out[outer]
     structure = ndimage.generate_binary_structure(out.ndim, out.ndim)
     for value, box in enumerate(ndimage.find_objects(inner), start=1):
         if box is None:

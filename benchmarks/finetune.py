@@ -69,6 +69,7 @@ METHODS = {
     "supervised": {"method": "supervised", "anchor": 0.0, "steps": 60, "blend": 1.0},
     "icl+anchor": {"method": "icl", "anchor": 1.0, "steps": 60, "blend": 1.0},
     "icl+anchor+conf": {"method": "icl", "anchor": 1.0, "steps": 60, "confidence_threshold": 0.95, "blend": 1.0},
+    "other-patches-2": {"steps": DEFAULTS["steps"], "other_patches": 2},  # 2 patches of the other slices per step
 }
 
 
@@ -290,29 +291,31 @@ def run_round(model, case: Case, labels, known, options: dict, seconds: float | 
     return preds, tuned_s, tuner.steps_done
 
 
-def time_default_round(threads: int, repeats: int = 2) -> int:
-    """Wall time of default rounds (the steps, as the widget's progress bar counts, and the whole
-    round: set-up, steps and the segmentation that Accept writes) on acdc
-    patient028_frame01 (10 slices, 256 x 224), two painted slices; the load average beside it."""
+def time_rounds(threads: int, methods: dict, repeats: int = 2) -> int:
+    """Wall time of rounds of each of ``methods`` (name -> options over the model's recipe),
+    interleaved: the steps, as the widget's progress bar counts, and the whole round (set-up, steps
+    and the segmentation that Accept writes) on acdc patient028_frame01 (10 slices, 256 x 224),
+    two painted slices; the load average beside it."""
     import os
 
     (case,) = [c for c in load_cases(["acdc"], None) if c.name == "patient028_frame01"]
     model = load_model(case.model)
     before = segment(model, case.volume, device="cpu").data
     labels, known = corrections(case, before, "worst2", np.random.default_rng(0))
-    options = recipe(model)
-    steps = options.pop("steps")
     for r in range(repeats):
-        started = time.monotonic()
-        start = segment(model, case.volume, device="cpu").data  # the widget's round begins with it
-        tuner = tuner_for(model, case, labels, known, options)
-        for _ in range(steps):
-            tuner.step()
-        segment(tuner.model, case.volume, device="cpu", corrections=(labels, known, start))  # the Accept
-        whole = time.monotonic() - started
-        print(f"round {r + 1}: {steps} steps ({options}) in {tuner.elapsed_s:.1f} s, {whole:.1f} s with set-up "
-              f"and the Accept segmentation, on {threads} thread(s); load average {os.getloadavg()[0]:.1f} on "
-              f"{os.cpu_count()} cores", flush=True)
+        for name, chosen in methods.items():
+            options = {**recipe(model), **chosen}
+            steps = options.pop("steps")
+            started = time.monotonic()
+            start = segment(model, case.volume, device="cpu").data  # the widget's round begins with it
+            tuner = tuner_for(model, case, labels, known, options)
+            for _ in range(steps):
+                tuner.step()
+            segment(tuner.model, case.volume, device="cpu", corrections=(labels, known, start))  # the Accept
+            whole = time.monotonic() - started
+            print(f"round {r + 1}, {name}: {steps} steps ({options}) in {tuner.elapsed_s:.1f} s, {whole:.1f} s "
+                  f"with set-up and the Accept segmentation, on {threads} thread(s); load average "
+                  f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     return 0
 
 
@@ -371,12 +374,10 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", type=Path, help="write the summary table here")
     p.add_argument("--benchmarks-md", type=Path, nargs="?", const=BENCHMARKS_MD,
                    help="also put the summary in docs/benchmarks.md's fine-tuning section")
-    p.add_argument("--timing", action="store_true", help="only time default rounds on a 10-slice acdc scan")
+    p.add_argument("--timing", action="store_true", help="only time rounds of --methods, interleaved, on a 10-slice acdc scan")
     p.add_argument("--summary-only", action="store_true", help="only summarise the rows of --csv")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.timing:
-        return time_default_round(args.threads)
     if args.summary_only:
         with args.csv.open() as f:
             rows = list(csv.DictReader(f))
@@ -389,6 +390,8 @@ def main(argv=None) -> int:
             methods[method][option] = float(value) if "." in value else int(value)
         except ValueError:
             methods[method][option] = value  # a name: method, anchor_groups
+    if args.timing:
+        return time_rounds(args.threads, methods)
     rows, done = [], set()
     if args.csv and args.csv.is_file():
         with args.csv.open() as f:

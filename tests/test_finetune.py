@@ -301,6 +301,28 @@ def test_blend_keeps_a_share_of_the_weight_change(tiny_model_path):
         dataclasses.replace(model.card, finetune={"blend": 2.0})  # a card checks its recipe
 
 
+def test_other_patches_sets_the_patches_drawn_from_the_other_slices(tiny_model_path):
+    """``other_patches``: how many patches of the slices without corrections each step draws (for
+    the anchor, and ICL's unlabeled terms), apart from the corrections' batch; a card may set it."""
+    model = load_model(tiny_model_path)
+    image, truth = scan()
+    for method in ("supervised", "icl"):
+        tuner = Finetuner(model, image, truth, method=method, anchor=1.0, other_patches=3, batch_size=2)
+        drawn = []
+        sample = tuner.unlabeled.sample
+        tuner.unlabeled.sample = lambda n: drawn.append(n) or sample(n)
+        terms = tuner.step()
+        assert drawn == [3] and np.isfinite(terms["anchor"])
+        assert tuner.finished_model().card.fine_tuning[-1]["other_patches"] == 3
+    model.card.finetune = {"other_patches": 2}
+    assert Finetuner(model, image, truth, batch_size=2).other_patches == 2
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConsistentSegError, match="other_patches"):
+            Finetuner(model, image, truth, other_patches=bad, batch_size=2)
+    with pytest.raises(ConsistentSegError, match="other_patches"):
+        dataclasses.replace(model.card, finetune={"other_patches": 0})
+
+
 def test_corrections_on_a_scan_in_another_plane_come_back_on_its_grid(tiny_model_path):
     """segment(..., corrections=) on a coronal scan with an axial-plane model: the corrections are
     viewed in the model's plane for the post-processing and win on the scan's own grid."""

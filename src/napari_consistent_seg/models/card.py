@@ -51,7 +51,8 @@ ANCHOR_GROUPS = ("voxels", "foreground", "classes", "voxels+classes")
 #: Fine-tuning methods: the supervised loss on the corrections, or that plus ICL's unlabeled terms.
 FINETUNE_METHODS = ("supervised", "icl")
 #: The fine-tuning recipe a card may set for its model (``finetune``), over training.finetune.DEFAULTS.
-FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str, "blend": float}
+FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str, "blend": float,
+                 "other_patches": int}
 
 
 def default_colours(classes) -> dict[int, str]:

@@ -31,7 +31,7 @@ from .data import SliceStream, resample_inplane
 #: The default recipe (see docs/training.md, "Fine-tuning", and benchmarks/finetune.py); a model
 #: card's ``finetune`` overrides it for its model (`recipe`).
 DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anchor_groups": "voxels",
-            "blend": 0.5}
+            "blend": 0.5, "other_patches": 4}
 
 
 def recipe(model) -> dict:
@@ -132,22 +132,29 @@ class Finetuner:
     without a known voxel). ``blend`` in (0, 1]: the share of the weight change the steps made that
     the result keeps (a weight-space ensemble of the starting and the trained network, as WiSE-FT);
     the steps train ``self.trained`` and ``self.model`` is the blend, valid after every ``step()``.
+    Each step draws ``batch_size`` patches around the corrections and ``other_patches`` from the
+    slices without corrections (for the anchor and ICL's unlabeled terms).
     Both are deep copies: the model passed in is never changed.
     """
 
     def __init__(self, model: Model, image: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None, *,
                  spacing_mm=None, modality: str | None = None, device=None, method: str | None = None,
                  lr: float | None = None, anchor: float | None = None, anchor_groups: str | None = None,
-                 blend: float | None = None, batch_size: int = 4, confidence_threshold: float = 0.0, seed: int = 0):
-        given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups, "blend": blend}
+                 blend: float | None = None, other_patches: int | None = None, batch_size: int = 4,
+                 confidence_threshold: float = 0.0, seed: int = 0):
+        given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups, "blend": blend,
+                 "other_patches": other_patches}
         chosen = {**recipe(model), **{k: v for k, v in given.items() if v is not None}}
-        method, lr, anchor, anchor_groups, blend = (chosen[k] for k in given)
+        method, lr, anchor, anchor_groups, blend, other_patches = (chosen[k] for k in given)
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
         if method not in FINETUNE_METHODS:
             raise ConsistentSegError(f"fine-tuning method must be 'supervised' or 'icl', not {method!r}")
         _check_anchor_groups(anchor_groups)
         _check_blend(blend)
+        if isinstance(other_patches, bool) or not isinstance(other_patches, int) or other_patches < 1:
+            raise ConsistentSegError(f"other_patches (patches from the other slices per step) must be a "
+                                     f"whole number >= 1, not {other_patches!r}")
         image = np.asarray(image)
         labels = np.asarray(labels)
         if image.ndim != 3 or not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
@@ -199,7 +206,7 @@ class Finetuner:
         self.labeled = SliceStream([data], [encoded], patch, slice_masks=[is_labeled], seed=seed)
         unlabeled_mask = ~is_labeled if (~is_labeled).any() else is_labeled
         self.unlabeled = SliceStream([data], [None], patch, slice_masks=[unlabeled_mask], seed=seed + 1)
-        self.batch_size = batch_size
+        self.batch_size, self.other_patches = batch_size, other_patches
         self.confidence_threshold = confidence_threshold
         self.weights = {"aux": 1.0, "pse": 1.0, "cons": 50.0,
                         **self.trained.card.training_weights}
@@ -225,7 +232,7 @@ class Finetuner:
         need_unlabeled = self.method == "icl" or self.anchor > 0
         unlabeled = None
         if need_unlabeled:
-            unlabeled, _ = self.unlabeled.sample(self.batch_size)
+            unlabeled, _ = self.unlabeled.sample(self.other_patches)
             unlabeled = self.augment(unlabeled, None, self.generator)[0].to(self.device)
         total, terms = self._losses(bb, images, known, target, unlabeled)
         self.optimizer.zero_grad(set_to_none=True)
@@ -276,7 +283,8 @@ class Finetuner:
             with torch.no_grad(), self._mixed_precision():
                 teacher = self.teacher(torch.cat([images, unlabeled]))
             teacher = teacher.float()
-            where = torch.cat([~known, torch.ones_like(known)])
+            where = torch.cat([~known, torch.ones((len(unlabeled), *known.shape[1:]), dtype=torch.bool,
+                                                  device=known.device)])
             terms["anchor"] = anchor_loss(torch.cat([logits_l, logits_u]), teacher, where, self.anchor_groups)
             total = total + self.anchor * terms["anchor"]
         return total, terms
@@ -309,7 +317,7 @@ class Finetuner:
         """The fine-tuned model with a card that records the fine-tune (a copy, safe to save)."""
         card = self.model.card.fine_tuned({  # a copy; its val scores are cleared (no longer measured)
             "method": self.method, "anchor": self.anchor, "anchor_groups": self.anchor_groups,
-            "blend": self.blend, "precision": self.precision,
+            "blend": self.blend, "other_patches": self.other_patches, "precision": self.precision,
             "steps": self.steps_done,
             "painted_slices": self.painted_slices, "known_voxels": self.known_voxels,
             "wall_time_s": round(self.elapsed_s, 1), "from_model": self.model.card.name,

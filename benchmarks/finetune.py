@@ -113,6 +113,11 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   The 37 rounds where a class was only erased or painted over (every erase round, four organ
   rounds, chaos case_31 strokes, case_32 two worst slices) were run again for every share after
   the rule above took in such classes; the other rows are unchanged by it.
+- **default, float32 (12-01)** and **other-patches-2**: the default again, and the default with 2
+  patches from the slices without corrections per step instead of 4 (`other_patches`), the
+  issue's four paintings (124 rounds), run side by side on 2026-12-01 on a 2-core Zen 3 (float32:
+  no bf16 in hardware), one torch thread each; so their starts differ from the `default` rows
+  (Zen 4, bf16) by up to 1.5 points, and their round times are those of float32 on one thread.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only
   untouched classes held): it gives `default, blend 1` exactly on the 118 rounds the later rule
   leaves alone.

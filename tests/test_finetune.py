@@ -316,6 +316,7 @@ def test_other_patches_sets_the_patches_drawn_from_the_other_slices(tiny_model_p
         assert tuner.finished_model().card.fine_tuning[-1]["other_patches"] == 3
     model.card.finetune = {"other_patches": 2}
     assert Finetuner(model, image, truth, batch_size=2).other_patches == 2
+    assert Finetuner(model, image, truth, other_patches=np.int64(1), batch_size=2).other_patches == 1
     for bad in (0, 1.5, True):
         with pytest.raises(ConsistentSegError, match="other_patches"):
             Finetuner(model, image, truth, other_patches=bad, batch_size=2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 import time
 
 import numpy as np
@@ -152,7 +153,7 @@ class Finetuner:
             raise ConsistentSegError(f"fine-tuning method must be 'supervised' or 'icl', not {method!r}")
         _check_anchor_groups(anchor_groups)
         _check_blend(blend)
-        if isinstance(other_patches, bool) or not isinstance(other_patches, int) or other_patches < 1:
+        if isinstance(other_patches, bool) or not isinstance(other_patches, numbers.Integral) or other_patches < 1:
             raise ConsistentSegError(f"other_patches (patches from the other slices per step) must be a "
                                      f"whole number >= 1, not {other_patches!r}")
         image = np.asarray(image)
@@ -206,7 +207,7 @@ class Finetuner:
         self.labeled = SliceStream([data], [encoded], patch, slice_masks=[is_labeled], seed=seed)
         unlabeled_mask = ~is_labeled if (~is_labeled).any() else is_labeled
         self.unlabeled = SliceStream([data], [None], patch, slice_masks=[unlabeled_mask], seed=seed + 1)
-        self.batch_size, self.other_patches = batch_size, other_patches
+        self.batch_size, self.other_patches = batch_size, int(other_patches)
         self.confidence_threshold = confidence_threshold
         self.weights = {"aux": 1.0, "pse": 1.0, "cons": 50.0,
                         **self.trained.card.training_weights}

@@ -117,6 +117,12 @@ def _check_blend(share) -> None:
                                  f"not {share!r}")
 
 
+def _check_other_patches(count) -> None:
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+        raise ConsistentSegError(f"other_patches (patches from the other slices per step) must be a "
+                                 f"whole number >= 1, not {count!r}")
+
+
 def _check_anchor_groups(groups) -> None:
     if groups not in ANCHOR_GROUPS:
         raise ConsistentSegError(f"anchor groups must be one of {', '.join(ANCHOR_GROUPS)}, not {groups!r}")
@@ -153,9 +159,7 @@ class Finetuner:
             raise ConsistentSegError(f"fine-tuning method must be 'supervised' or 'icl', not {method!r}")
         _check_anchor_groups(anchor_groups)
         _check_blend(blend)
-        if isinstance(other_patches, bool) or not isinstance(other_patches, numbers.Integral) or other_patches < 1:
-            raise ConsistentSegError(f"other_patches (patches from the other slices per step) must be a "
-                                     f"whole number >= 1, not {other_patches!r}")
+        _check_other_patches(other_patches)
         image = np.asarray(image)
         labels = np.asarray(labels)
         if image.ndim != 3 or not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
@@ -284,8 +288,7 @@ class Finetuner:
             with torch.no_grad(), self._mixed_precision():
                 teacher = self.teacher(torch.cat([images, unlabeled]))
             teacher = teacher.float()
-            where = torch.cat([~known, torch.ones((len(unlabeled), *known.shape[1:]), dtype=torch.bool,
-                                                  device=known.device)])
+            where = torch.cat([~known, known.new_ones((len(unlabeled), *known.shape[1:]))])
             terms["anchor"] = anchor_loss(torch.cat([logits_l, logits_u]), teacher, where, self.anchor_groups)
             total = total + self.anchor * terms["anchor"]
         return total, terms

@@ -279,7 +279,8 @@ def test_blend_keeps_a_share_of_the_weight_change(tiny_model_path):
     the trained copy goes on from where it was, and the record says the share."""
     model = load_model(tiny_model_path)
     image, truth = scan()
-    tuner = finetune(model, image, truth, steps=2, blend=0.25, batch_size=2)
+    # the last step's weights (no average: test_average_last_... covers that)
+    tuner = finetune(model, image, truth, steps=2, blend=0.25, average_last=0.0, batch_size=2)
     start = dict(model.backbone.named_parameters())
     trained = dict(tuner.trained.backbone.named_parameters())
     for name, p in tuner.model.backbone.named_parameters():
@@ -393,3 +394,33 @@ def test_the_preview_slice_of_a_cine_is_the_phase_slice_segment_gives(tiny_model
         np.testing.assert_array_equal(shown, whole[t, 1])
     with pytest.raises(InvalidInputError, match="phase"):
         segment_slice(model, cine, 1)
+
+
+def test_average_last_blends_from_the_mean_of_the_last_steps_weights(tiny_model_path):
+    """``average_last``: the weights of the last share of the planned steps are averaged, and the
+    blend starts from that average; before its first step the model is the last step's blend."""
+    model = load_model(tiny_model_path)
+    image, truth = scan()
+    tuner = Finetuner(model, image, truth, steps=4, average_last=0.5, blend=0.5, batch_size=2)
+    assert tuner.average_from == 3
+    start = [p.detach().clone() for p in tuner.teacher.parameters()]
+    seen = []
+    for _ in range(4):
+        tuner.step()
+        seen.append([p.detach().clone() for p in tuner.trained.backbone.parameters()])
+        if tuner.steps_done == 2:  # not averaging yet: the blend of the last step's weights
+            for out, first, now in zip(tuner.model.backbone.parameters(), start, seen[-1]):
+                torch.testing.assert_close(out, first + 0.5 * (now - first))
+    for out, first, a, b in zip(tuner.model.backbone.parameters(), start, seen[2], seen[3]):
+        torch.testing.assert_close(out, first + 0.5 * ((a + b) / 2 - first))
+    record = tuner.finished_model().card.fine_tuning[-1]
+    assert record["average_last"] == 0.5 and record["planned_steps"] == 4
+    whole = Finetuner(model, image, truth, steps=4, average_last=0.5, blend=1.0, batch_size=2)
+    assert whole.model is whole.trained  # nothing averaged yet: the trained network itself
+    for bad in (1.0, -0.1, True, "half"):
+        with pytest.raises(ConsistentSegError, match="average_last"):
+            Finetuner(model, image, truth, average_last=bad, batch_size=2)
+    with pytest.raises(ConsistentSegError, match="average_last"):
+        dataclasses.replace(model.card, finetune={"average_last": 1.0})
+    with pytest.raises(ConsistentSegError, match="steps"):
+        Finetuner(model, image, truth, steps=0, batch_size=2)

@@ -347,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "of PAINTED with a label is known in full)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the widget's)")
-    budget.add_argument("--seconds", type=float, help="stop after this many seconds of training")
+    budget.add_argument("--seconds", type=float,
+                        help="as many steps as fit in this many seconds of training (no steps are planned, "
+                             "so the last step's weights are kept rather than the mean of the last ones)")
     p.add_argument("--output", "-o", required=True, help="folder for <image name>.nii.gz and model/")
     p.add_argument("--modality", choices=["CT", "MR"], help="override the modality read from the file")
     p.add_argument("--device", default=None)

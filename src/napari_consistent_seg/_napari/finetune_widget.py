@@ -230,7 +230,7 @@ class FinetuneWidget(QWidget):
             # the model learns from slices in its own plane (the scan's own for a cardiac model)
             (image, painted, known_slices), spacing = model_slices(model, volume, volume.data, labels, known)
             tuner = Finetuner(model, image, painted, known_slices, spacing_mm=spacing, modality=modality,
-                              device=device, method=method)
+                              device=device, method=method, steps=steps)
             yield "ready", (tuner, fixes)
             for step in range(1, steps + 1):
                 if cancel.is_set():

@@ -52,7 +52,7 @@ ANCHOR_GROUPS = ("voxels", "foreground", "classes", "voxels+classes")
 FINETUNE_METHODS = ("supervised", "icl")
 #: The fine-tuning recipe a card may set for its model (``finetune``), over training.finetune.DEFAULTS.
 FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str, "blend": float,
-                 "other_patches": int}
+                 "other_patches": int, "average_last": float}
 
 
 def default_colours(classes) -> dict[int, str]:
@@ -317,6 +317,9 @@ class ModelCard:
         if not 0 < recipe.get("blend", 1.0) <= 1:
             raise _error(f"'finetune.blend' (the share of the fine-tune's weight change kept) must be in (0, 1], "
                          f"got {recipe['blend']!r}")
+        if not recipe.get("average_last", 0.0) < 1:
+            raise _error(f"'finetune.average_last' (the share of the steps whose weights are averaged) must be "
+                         f"in [0, 1), got {recipe['average_last']!r}")
         if recipe.get("anchor_groups", "voxels") not in ANCHOR_GROUPS:
             raise _error(f"'finetune.anchor_groups' must be one of {', '.join(ANCHOR_GROUPS)}, "
                          f"got {recipe['anchor_groups']!r}")

@@ -32,7 +32,7 @@ from .data import SliceStream, resample_inplane
 #: The default recipe (see docs/training.md, "Fine-tuning", and benchmarks/finetune.py); a model
 #: card's ``finetune`` overrides it for its model (`recipe`).
 DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anchor_groups": "voxels",
-            "blend": 0.5, "other_patches": 4}
+            "blend": 0.5, "other_patches": 4, "average_last": 0.5}
 
 
 def recipe(model) -> dict:
@@ -123,6 +123,19 @@ def _check_other_patches(count) -> None:
                                  f"whole number >= 1, not {count!r}")
 
 
+def _check_average_last(share) -> None:
+    if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0 <= share < 1:
+        raise ConsistentSegError(f"average_last (the share of the planned steps, at the end, whose weights are "
+                                 f"averaged) must be in [0, 1), not {share!r}")
+
+
+def running_mean(into: list[torch.Tensor], tensors, n: int) -> None:
+    """Update ``into`` (the mean of n - 1 earlier values) in place to the mean with ``tensors``."""
+    with torch.no_grad():
+        for mean, now in zip(into, tensors):
+            mean.add_((now - mean) / n)
+
+
 def _check_anchor_groups(groups) -> None:
     if groups not in ANCHOR_GROUPS:
         raise ConsistentSegError(f"anchor groups must be one of {', '.join(ANCHOR_GROUPS)}, not {groups!r}")
@@ -140,19 +153,23 @@ class Finetuner:
     the result keeps (a weight-space ensemble of the starting and the trained network, as WiSE-FT);
     the steps train ``self.trained`` and ``self.model`` is the blend, valid after every ``step()``.
     Each step draws ``batch_size`` patches around the corrections and ``other_patches`` from the
-    slices without corrections (for the anchor and ICL's unlabeled terms).
+    slices without corrections (for the anchor and ICL's unlabeled terms). ``average_last`` in
+    [0, 1): the trained weights are averaged over that share of the ``steps`` planned, at the end
+    (0: the last step's weights), and the blend starts from the average (as SWA; from step
+    ``average_from``, the last step's weights before it).
     Both are deep copies: the model passed in is never changed.
     """
 
     def __init__(self, model: Model, image: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None, *,
                  spacing_mm=None, modality: str | None = None, device=None, method: str | None = None,
                  lr: float | None = None, anchor: float | None = None, anchor_groups: str | None = None,
-                 blend: float | None = None, other_patches: int | None = None, batch_size: int = 4,
-                 confidence_threshold: float = 0.0, seed: int = 0):
+                 blend: float | None = None, other_patches: int | None = None, steps: int | None = None,
+                 average_last: float | None = None, batch_size: int = 4, confidence_threshold: float = 0.0,
+                 seed: int = 0):
         given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups, "blend": blend,
-                 "other_patches": other_patches}
+                 "other_patches": other_patches, "steps": steps, "average_last": average_last}
         chosen = {**recipe(model), **{k: v for k, v in given.items() if v is not None}}
-        method, lr, anchor, anchor_groups, blend, other_patches = (chosen[k] for k in given)
+        method, lr, anchor, anchor_groups, blend, other_patches, steps, average_last = (chosen[k] for k in given)
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
         if method not in FINETUNE_METHODS:
@@ -160,6 +177,9 @@ class Finetuner:
         _check_anchor_groups(anchor_groups)
         _check_blend(blend)
         _check_other_patches(other_patches)
+        _check_average_last(average_last)
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ConsistentSegError(f"steps must be a whole number >= 1, not {steps!r}")
         image = np.asarray(image)
         labels = np.asarray(labels)
         if image.ndim != 3 or not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
@@ -198,6 +218,10 @@ class Finetuner:
         self.teacher = copy.deepcopy(model.backbone).to(self.device).eval().requires_grad_(False)
         self._blended: Model | None = None
         self._blended_at = -1
+        self.planned_steps, self.average_last = int(steps), float(average_last)
+        # the first step whose weights are averaged (never, with average_last 0)
+        self.average_from = self.planned_steps - round(self.planned_steps * self.average_last) + 1
+        self._average: list[torch.Tensor] | None = None
         prepared = prepare_input(self.trained, image, spacing_mm, modality)
         self.warnings = prepared.warnings
         # label + 1 where known, 0 where not: nearest resampling, augmentation and zero padding
@@ -246,6 +270,11 @@ class Finetuner:
         bb.eval()
         self.trained.modules.eval()
         self.steps_done += 1
+        if self.steps_done >= self.average_from:
+            if self._average is None:
+                self._average = [p.detach().clone() for p in bb.parameters()]
+            else:
+                running_mean(self._average, bb.parameters(), self.steps_done - self.average_from + 1)
         self.elapsed_s += time.monotonic() - start
         return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 
@@ -296,24 +325,27 @@ class Finetuner:
     @property
     def model(self) -> Model:
         """The fine-tuned model as the user gets it (preview, Accept, :meth:`finished_model`):
-        :meth:`blended` at the round's ``blend`` (``self.trained`` itself when that is 1), updated
-        after each step on first use."""
-        if self.blend >= 1.0:
+        :meth:`blended` at the round's ``blend`` (``self.trained`` itself when that is 1 and no
+        weights are averaged), updated after each step on first use."""
+        if self.blend >= 1.0 and self._average is None:
             return self.trained
         if self._blended_at != self.steps_done:
             self._blended = self.blended(self.blend, into=self._blended)
             self._blended_at = self.steps_done
         return self._blended
 
-    def blended(self, share: float, into: Model | None = None) -> Model:
-        """The starting weights plus ``share`` times the change the steps made so far (written into
-        ``into``'s network when given, else into a new copy; the ICL modules are the trained ones)."""
+    def blended(self, share: float, into: Model | None = None, weights=None) -> Model:
+        """The starting weights plus ``share`` times the change the steps made so far: to
+        ``weights`` (the backbone's parameters, in order), by default the average of the round's
+        last steps (``average_last``) once it has begun, else the trained weights. Written into
+        ``into``'s network when given, else into a new copy; the ICL modules are the trained ones."""
         _check_blend(share)
         if into is None:
             into = Model(copy.deepcopy(self.trained.backbone), self.trained.card, self.trained.modules, self.trained.path)
+        if weights is None:
+            weights = self._average if self._average is not None else self.trained.backbone.parameters()
         with torch.no_grad():
-            for out, start, now in zip(into.backbone.parameters(), self.teacher.parameters(),
-                                       self.trained.backbone.parameters()):
+            for out, start, now in zip(into.backbone.parameters(), self.teacher.parameters(), weights):
                 torch.lerp(start, now, share, out=out)
         return into
 
@@ -322,6 +354,7 @@ class Finetuner:
         card = self.model.card.fine_tuned({  # a copy; its val scores are cleared (no longer measured)
             "method": self.method, "anchor": self.anchor, "anchor_groups": self.anchor_groups,
             "blend": self.blend, "other_patches": self.other_patches, "precision": self.precision,
+            "average_last": self.average_last, "planned_steps": self.planned_steps,
             "steps": self.steps_done,
             "painted_slices": self.painted_slices, "known_voxels": self.known_voxels,
             "wall_time_s": round(self.elapsed_s, 1), "from_model": self.model.card.name,
@@ -335,10 +368,8 @@ def finetune(model: Model, image: np.ndarray, labels: np.ndarray, known: np.ndar
     """One fine-tuning round: ``steps`` steps (default: the model's recipe), or fewer if ``seconds``
     (wall time of the steps) runs out first. ``progress(done, total)`` after each step; ``cancel``
     (an Event or a callable) raises Cancelled between steps. Returns the Finetuner (its ``model``)."""
-    steps = recipe(model)["steps"] if steps is None else int(steps)
-    if steps < 1:
-        raise ConsistentSegError(f"steps must be at least 1, got {steps}")
-    tuner = Finetuner(model, image, labels, known, **options)
+    tuner = Finetuner(model, image, labels, known, steps=steps, **options)  # checks steps (None: the recipe's)
+    steps = tuner.planned_steps
     for done in range(1, steps + 1):
         check_cancel(cancel)
         tuner.step()

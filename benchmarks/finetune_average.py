@@ -29,7 +29,8 @@ HARD = ["patient002_frame02", "patient028_frame02", "patient030_frame02", "patie
         "patient085_frame02", "SCD0000301_ES"]
 #: name -> (the first step averaged, the share of the averaged change kept); one training serves all
 VARIANTS = {"tail-avg 0.5": (31, 0.5), "tail-avg 1": (31, 1.0), "full-avg 1": (1, 1.0),
-            "avg 21-60 0.5": (21, 0.5), "avg 41-60 0.5": (41, 0.5), "tail-avg 0.4": (31, 0.4)}
+            "avg 21-60 0.5": (21, 0.5), "avg 41-60 0.5": (41, 0.5), "tail-avg 0.4": (31, 0.4),
+            "tail-avg 0.6": (31, 0.6), "tail-avg 0.7": (31, 0.7)}
 
 
 def main(argv=None) -> int:

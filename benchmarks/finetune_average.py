@@ -53,11 +53,8 @@ def main(argv=None) -> int:
             averages = {first: None for first, _ in variants.values()}
             for s in range(1, options["steps"] + 1):
                 tuner.step()
-                for first, mean in averages.items():
-                    if s == first:
-                        averages[first] = [p.detach().clone() for p in tuner.trained.backbone.parameters()]
-                    elif s > first:
-                        running_mean(mean, tuner.trained.backbone.parameters(), s - first + 1)
+                for first in [f for f in averages if s >= f]:
+                    averages[first] = running_mean(averages[first], tuner.trained.backbone.parameters(), s - first + 1)
             models = {"last step": tuner.model}
             for name, (first, share) in variants.items():
                 models[name] = tuner.blended(share, weights=averages[first])

@@ -117,10 +117,9 @@ def _check_blend(share) -> None:
                                  f"not {share!r}")
 
 
-def _check_other_patches(count) -> None:
+def _check_count(count, what: str) -> None:
     if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
-        raise ConsistentSegError(f"other_patches (patches from the other slices per step) must be a "
-                                 f"whole number >= 1, not {count!r}")
+        raise ConsistentSegError(f"{what} must be a whole number >= 1, not {count!r}")
 
 
 def _check_average_last(share) -> None:
@@ -129,11 +128,15 @@ def _check_average_last(share) -> None:
                                  f"averaged) must be in [0, 1), not {share!r}")
 
 
-def running_mean(into: list[torch.Tensor], tensors, n: int) -> None:
-    """Update ``into`` (the mean of n - 1 earlier values) in place to the mean with ``tensors``."""
+def running_mean(means: list[torch.Tensor] | None, tensors, n: int) -> list[torch.Tensor]:
+    """The mean of n values, from ``means`` (that of the n - 1 before; None when n is 1) and the
+    n-th, ``tensors``: updated in place, or copies of ``tensors`` to start with."""
     with torch.no_grad():
-        for mean, now in zip(into, tensors):
+        if means is None:
+            return [t.detach().clone() for t in tensors]
+        for mean, now in zip(means, tensors):
             mean.add_((now - mean) / n)
+    return means
 
 
 def _check_anchor_groups(groups) -> None:
@@ -176,10 +179,9 @@ class Finetuner:
             raise ConsistentSegError(f"fine-tuning method must be 'supervised' or 'icl', not {method!r}")
         _check_anchor_groups(anchor_groups)
         _check_blend(blend)
-        _check_other_patches(other_patches)
+        _check_count(other_patches, "other_patches (patches from the other slices per step)")
+        _check_count(steps, "steps")
         _check_average_last(average_last)
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise ConsistentSegError(f"steps must be a whole number >= 1, not {steps!r}")
         image = np.asarray(image)
         labels = np.asarray(labels)
         if image.ndim != 3 or not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
@@ -271,10 +273,7 @@ class Finetuner:
         self.trained.modules.eval()
         self.steps_done += 1
         if self.steps_done >= self.average_from:
-            if self._average is None:
-                self._average = [p.detach().clone() for p in bb.parameters()]
-            else:
-                running_mean(self._average, bb.parameters(), self.steps_done - self.average_from + 1)
+            self._average = running_mean(self._average, bb.parameters(), self.steps_done - self.average_from + 1)
         self.elapsed_s += time.monotonic() - start
         return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 

@@ -116,7 +116,10 @@ def test_icl_finetuner_keeps_the_old_whole_slice_behaviour(tiny_model_path):
     painted[1] = truth[1]
     tuner = ICLFinetuner(model, image, painted, batch_size=2)
     assert tuner.method == "icl" and tuner.anchor == 0 and tuner.blend == 1 and tuner.painted_slices == [1]
-    assert tuner.known_voxels == painted[1].size
+    assert tuner.known_voxels == painted[1].size and tuner.average_last == 0
+    for _ in range(tuner.planned_steps // 2 + 2):  # past where the default would start averaging
+        tuner.step()
+    assert tuner.model is tuner.trained  # the trained weights themselves
 
 
 def test_cli_finetune_writes_the_segmentation_and_a_loadable_model(tmp_path, tiny_model_path, capsys):

@@ -407,11 +407,12 @@ def merge_corrections(prediction: np.ndarray, labels: np.ndarray, known: np.ndar
 
 class ICLFinetuner(Finetuner):
     """ICL fine-tuning on whole painted slices, as before the known mask existed (no anchor, the
-    trained weights unblended)."""
+    trained weights themselves: unblended, not averaged)."""
 
     def __init__(self, model: Model, image: np.ndarray, painted: np.ndarray, known: np.ndarray | None = None,
                  **kw):
         kw.setdefault("method", "icl")
         kw.setdefault("anchor", 0.0)
         kw.setdefault("blend", 1.0)
+        kw.setdefault("average_last", 0.0)
         super().__init__(model, image, painted, known, **kw)

@@ -13,6 +13,10 @@ expert labels, in one of these painting modes:
   erase    one structure's leak into background erased on one slice: eraser dabs (size 5) on
            every sixth voxel the model gives the class that leaks most and the reference calls
            background, on its worst slice (at most 25 dabs; only background voxels count as known).
+  brush    napari's brush as a user clicks it: size-5 dabs (21 voxels) on every 20th wrong voxel of
+           the 3 worst slices (at most 15 a slice), each painting the expert label at its centre
+           over its whole disk, so a dab on a boundary paints both sides with one label; the
+           other modes paint the expert label under the brush, which one dab cannot.
 Each fine-tuning method then runs one round from the same corrections, and the Dice (mean over
 the classes in the reference) on the voxels that were NOT painted is compared before and after.
 
@@ -57,24 +61,32 @@ CHAOS_MAP = {1: 1, 4: 2, 2: 3, 3: 4}
 
 #: method name -> Finetuner options over the model's recipe ("default": the recipe as it is, which
 #: the model card may set: the cardiac model anchors foreground and background alike with weight 1).
-#: The methods of before 2026-12-01 blend the last step's weights (``average_last`` 0).
-LAST = {**DEFAULTS, "average_last": 0.0}
+#: The methods of before 2026-12-01 blend the last step's weights (``average_last`` 0), and every
+#: method but "default" and "stroke-blend" keeps one share for whole slices and strokes alike.
+def _share(b: float) -> dict:
+    return {"blend": b, "stroke_blend": b}
+
+
+LAST = {**DEFAULTS, **_share(DEFAULTS["blend"]), "average_last": 0.0}
 METHODS = {
     "default": {"steps": DEFAULTS["steps"]},
-    "last-step": {"steps": DEFAULTS["steps"], "average_last": 0.0},  # the default until 2026-12-01
-    "anchor-3": {**LAST, "blend": 1.0},  # every model's default until the evening of 2026-11-30
-    "foreground-anchor-1": {**LAST, "anchor": 1.0, "anchor_groups": "foreground", "blend": 1.0},
-    "foreground-anchor-3": {**LAST, "anchor_groups": "foreground", "blend": 1.0},
-    "classes-anchor-3": {**LAST, "anchor_groups": "classes", "blend": 1.0},
-    "voxels+classes-anchor-3": {**LAST, "anchor_groups": "voxels+classes", "blend": 1.0},
-    "anchor-1": {**LAST, "anchor": 1.0, "blend": 1.0},  # the default until the morning of 2026-11-30
-    "icl": {"method": "icl", "anchor": 0.0, "steps": 60, "blend": 1.0, "average_last": 0.0},  # before issue 13
-    "supervised": {"method": "supervised", "anchor": 0.0, "steps": 60, "blend": 1.0, "average_last": 0.0},
-    "icl+anchor": {"method": "icl", "anchor": 1.0, "steps": 60, "blend": 1.0, "average_last": 0.0},
-    "icl+anchor+conf": {"method": "icl", "anchor": 1.0, "steps": 60, "confidence_threshold": 0.95, "blend": 1.0,
+    "last-step": {"steps": DEFAULTS["steps"], **_share(0.5), "average_last": 0.0},  # the default until 2026-12-01
+    "anchor-3": {**LAST, **_share(1.0)},  # every model's default until the evening of 2026-11-30
+    "foreground-anchor-1": {**LAST, "anchor": 1.0, "anchor_groups": "foreground", **_share(1.0)},
+    "foreground-anchor-3": {**LAST, "anchor_groups": "foreground", **_share(1.0)},
+    "classes-anchor-3": {**LAST, "anchor_groups": "classes", **_share(1.0)},
+    "voxels+classes-anchor-3": {**LAST, "anchor_groups": "voxels+classes", **_share(1.0)},
+    "anchor-1": {**LAST, "anchor": 1.0, **_share(1.0)},  # the default until the morning of 2026-11-30
+    "icl": {"method": "icl", "anchor": 0.0, "steps": 60, **_share(1.0), "average_last": 0.0},  # before issue 13
+    "supervised": {"method": "supervised", "anchor": 0.0, "steps": 60, **_share(1.0), "average_last": 0.0},
+    "icl+anchor": {"method": "icl", "anchor": 1.0, "steps": 60, **_share(1.0), "average_last": 0.0},
+    "icl+anchor+conf": {"method": "icl", "anchor": 1.0, "steps": 60, "confidence_threshold": 0.95, **_share(1.0),
                         "average_last": 0.0},
-    "other-patches-2": {"steps": DEFAULTS["steps"], "other_patches": 2, "average_last": 0.0},  # 2 other patches
-    "tail-average": {"steps": DEFAULTS["steps"], "average_last": 0.5},  # weights averaged over steps 31-60
+    "other-patches-2": {"steps": DEFAULTS["steps"], "other_patches": 2, **_share(0.5), "average_last": 0.0},
+    # weights averaged over steps 31-60, share 0.5 for whole slices and strokes: the default of 2026-12-01
+    "tail-average": {"steps": DEFAULTS["steps"], "average_last": 0.5, **_share(0.5)},
+    # and share 0.25 for strokes: the default since the evening of 2026-12-01
+    "stroke-blend": {"steps": DEFAULTS["steps"], "average_last": 0.5, "blend": 0.5, "stroke_blend": 0.25},
 }
 
 
@@ -101,6 +113,11 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   reference has background, on its worst slice, at most 25 dabs; only the voxels under the eraser
   that the reference calls background count as known (a careful user). Corrections of one sign
   only, as with the kidney above (added on 2026-11-30, late evening).
+- **brush**: napari's brush as a user clicks it: size-5 dabs (21 voxels) on every 20th wrong voxel
+  of the three worst slices, at most 15 a slice, each painting the reference's label at its centre
+  over its whole disk, so that a dab on a boundary paints both sides with one label (the modes
+  above paint the reference's label under the brush, which one dab cannot); the widget counts the
+  whole disk as known (added on the evening of 2026-12-01, after a check in napari).
 - **default**: each model's recipe (`training.finetune.recipe`: supervised loss on the known voxels
   + an anchor to the starting model, 60 steps; bf16 forward passes on this CPU; the result's weights
   the starting ones plus half the change the steps made, `blend` 0.5), scored on what
@@ -274,6 +291,19 @@ def corrections(case: Case, pred: np.ndarray, mode: str, rng) -> tuple[np.ndarra
                         break
                 if known[z].sum() >= budget:
                     break
+    elif mode == "brush":
+        # napari's brush as a user clicks it: each dab (size 5: a disk of 21 voxels) paints one label,
+        # the reference's at its centre, over its whole disk, right or wrong (a dab on a boundary
+        # paints both sides with one label); later dabs paint over earlier ones. Every 20th wrong
+        # voxel of the three worst slices, at most 15 dabs a slice
+        painted = np.zeros(ref.shape, np.uint8)
+        yy, xx = np.mgrid[:ref.shape[1], :ref.shape[2]]
+        for z in [z for z in np.argsort(-errors, kind="stable") if case.scored_slices[z]][:3]:
+            for y, x in np.argwhere(wrong[z])[::20][:15]:
+                disk = (yy - y) ** 2 + (xx - x) ** 2 <= 6.25
+                known[z] |= disk
+                painted[z][disk] = ref[z, y, x]
+        ref = painted  # what the user's dabs say, not the reference
     else:
         raise SystemExit(f"unknown painting mode {mode}")
     for c in unlabeled_classes:  # no truth there: leave the model's own call unknown
@@ -290,8 +320,9 @@ def tuner_for(model, case: Case, labels, known, options: dict) -> Finetuner:
 
 def run_round(model, case: Case, labels, known, options: dict, seconds: float | None, start: np.ndarray,
               blends=(None,)):
-    """One round; for each share of ``blends`` (None: the round's own ``blend``), the segmentation
-    the widget's Accept and the CLI write with the weights blended so (one training serves all)."""
+    """One round; for each share of ``blends`` (None: the round's own, ``blend`` or for strokes
+    ``stroke_blend``), the segmentation the widget's Accept and the CLI write with the weights
+    blended so (one training serves all). Returns (segmentations, seconds, steps, the own share)."""
     steps = options["steps"]
     started = time.monotonic()
     tuner = tuner_for(model, case, labels, known, options)
@@ -303,7 +334,7 @@ def run_round(model, case: Case, labels, known, options: dict, seconds: float | 
     # as the widget's Accept and the CLI: corrections win, classes the user did not label keep ``start``
     preds = [segment(tuner.model if b is None else tuner.blended(b), case.volume, device="cpu",
                      corrections=(labels, known, start)).data for b in blends]
-    return preds, tuned_s, tuner.steps_done
+    return preds, tuned_s, tuner.steps_done, tuner.blend
 
 
 def time_rounds(threads: int, methods: dict, repeats: int = 2) -> int:
@@ -376,7 +407,7 @@ def main(argv=None) -> int:
     p.add_argument("--sets", nargs="+", default=["acdc", "mnms2", "sunnybrook", "chaos_t2", "btcv_ct"])
     p.add_argument("--limit", type=int, help="first N val cases of each split-based set")
     p.add_argument("--cases", nargs="*", help="only these case names")
-    p.add_argument("--paint", nargs="+", default=["worst2", "spread2", "strokes", "organ", "erase"])
+    p.add_argument("--paint", nargs="+", default=["worst2", "spread2", "strokes", "organ", "erase", "brush"])
     p.add_argument("--methods", nargs="+", default=["default", "icl", "supervised"])
     p.add_argument("--set-option", nargs="*", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a method's option, e.g. default.steps=40")
@@ -424,19 +455,24 @@ def main(argv=None) -> int:
             where = ~known & case.scored_slices[:, None, None]
             start = dice_on(before, case.labels, where, case.scored_classes)
             for name, options in methods.items():
-                own = {**recipe(model), **options}["blend"]
-                blends = sorted(set(args.blends or []) | {own})
-                names = {b: name if b == own else f"{name}, blend {b:g}" for b in blends}
+                chosen = {**recipe(model), **options}
+                # None: the round's own share, as the Accept; a number: that share (the own row already
+                # when the method has one share for whole slices and strokes alike)
+                same = {chosen["blend"]} if chosen["blend"] == chosen["stroke_blend"] else set()
+                blends = [None, *sorted(set(args.blends or []) - same)]
+                names = {b: name if b is None else f"{name}, blend {b:g}" for b in blends}
                 if all((case.name, paint, n) in done for n in names.values()):
                     continue
-                preds, secs, steps = run_round(model, case, labels, known, options, args.seconds, before, blends)
+                preds, secs, steps, own = run_round(model, case, labels, known, options, args.seconds, before,
+                                                    blends)
                 for b, after in zip(blends, preds):
                     if (case.name, paint, names[b]) in done:
                         continue
                     row = {"set": case.set, "case": case.name, "paint": paint, "method": names[b],
                            "before": f"{start:.2f}", "after": f"{dice_on(after, case.labels, where, case.scored_classes):.2f}",
                            "seconds": f"{secs:.1f}", "steps": steps, "known_voxels": int(known.sum()),
-                           "options": json.dumps({**recipe(model), **options, "blend": b}, sort_keys=True)}
+                           "options": json.dumps({**chosen, **({} if b is None else _share(b)),
+                                                  "share": own if b is None else b}, sort_keys=True)}
                     rows.append(row)
                     print(f"{case.set:10s} {case.name:20s} {paint:8s} {names[b]:22s} {row['before']:>6s} -> "
                           f"{row['after']:>6s}  {secs:5.1f} s", flush=True)

@@ -48,7 +48,8 @@ def main(argv=None) -> int:
             labels, known = fb.corrections(case, before, paint, np.random.default_rng(0))
             where = ~known & case.scored_slices[:, None, None]
             start = fb.dice_on(before, case.labels, where, case.scored_classes)
-            options = {**recipe(model), "average_last": 0.0}  # the script averages for itself
+            # the script averages for itself; "last step": share 0.5 for strokes too, as until 2026-12-01
+            options = {**recipe(model), "average_last": 0.0, "stroke_blend": recipe(model)["blend"]}
             tuner = fb.tuner_for(model, case, labels, known, options)
             averages = {first: None for first, _ in variants.values()}
             for s in range(1, options["steps"] + 1):

@@ -427,3 +427,32 @@ def test_average_last_blends_from_the_mean_of_the_last_steps_weights(tiny_model_
         dataclasses.replace(model.card, finetune={"average_last": 1.0})
     with pytest.raises(ConsistentSegError, match="steps"):
         Finetuner(model, image, truth, steps=0, batch_size=2)
+
+
+def test_strokes_keep_a_smaller_share_of_the_change_than_whole_slices(tiny_model_path):
+    """``stroke_blend``: corrections that leave part of a slice unknown (brush strokes, whose dabs
+    paint one label over their disk, right or wrong) keep that share of the weight change; whole
+    known slices keep ``blend``. The record says the share used; a card may set it."""
+    model = load_model(tiny_model_path)
+    image, truth = scan()
+    assert Finetuner(model, image, truth, batch_size=2).blend == 0.5  # the whole-slice rule
+    known = np.zeros(truth.shape, bool)
+    known[2, 10:20, 10:20] = True
+    strokes = finetune(model, image, truth, known, steps=1, average_last=0.0, batch_size=2)
+    assert strokes.blend == 0.25
+    start = dict(model.backbone.named_parameters())
+    trained = dict(strokes.trained.backbone.named_parameters())
+    for name, p in strokes.model.backbone.named_parameters():
+        torch.testing.assert_close(p, start[name] + 0.25 * (trained[name] - start[name]), rtol=0, atol=1e-6)
+    assert strokes.finished_model().card.fine_tuning[-1]["blend"] == 0.25
+    assert Finetuner(model, image, truth, known, stroke_blend=0.4, batch_size=2).blend == 0.4
+    whole_slice = known.copy()
+    whole_slice[2] = True  # a mask that knows its slice whole counts as a whole slice
+    assert Finetuner(model, image, truth, whole_slice, batch_size=2).blend == 0.5
+    model.card.finetune = {"stroke_blend": 0.3}
+    assert Finetuner(model, image, truth, known, batch_size=2).blend == 0.3
+    for bad in (0, 1.5):
+        with pytest.raises(ConsistentSegError, match="stroke_blend"):
+            Finetuner(model, image, truth, known, stroke_blend=bad, batch_size=2)
+    with pytest.raises(ConsistentSegError, match="stroke_blend"):
+        dataclasses.replace(model.card, finetune={"stroke_blend": 2.0})

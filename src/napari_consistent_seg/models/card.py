@@ -52,7 +52,7 @@ ANCHOR_GROUPS = ("voxels", "foreground", "classes", "voxels+classes")
 FINETUNE_METHODS = ("supervised", "icl")
 #: The fine-tuning recipe a card may set for its model (``finetune``), over training.finetune.DEFAULTS.
 FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str, "blend": float,
-                 "other_patches": int, "average_last": float}
+                 "stroke_blend": float, "other_patches": int, "average_last": float}
 
 
 def default_colours(classes) -> dict[int, str]:
@@ -314,9 +314,10 @@ class ModelCard:
                 raise _error(f"'finetune.{key}' must be {'text' if kind is str else 'a number'}, got {value!r}")
         if recipe.get("method", "supervised") not in FINETUNE_METHODS:
             raise _error(f"'finetune.method' must be one of {', '.join(FINETUNE_METHODS)}, got {recipe['method']!r}")
-        if not 0 < recipe.get("blend", 1.0) <= 1:
-            raise _error(f"'finetune.blend' (the share of the fine-tune's weight change kept) must be in (0, 1], "
-                         f"got {recipe['blend']!r}")
+        for key in ("blend", "stroke_blend"):
+            if not 0 < recipe.get(key, 1.0) <= 1:
+                raise _error(f"'finetune.{key}' (the share of the fine-tune's weight change kept) must be in (0, 1], "
+                             f"got {recipe[key]!r}")
         if not recipe.get("average_last", 0.0) < 1:
             raise _error(f"'finetune.average_last' (the share of the steps whose weights are averaged) must be "
                          f"in [0, 1), got {recipe['average_last']!r}")

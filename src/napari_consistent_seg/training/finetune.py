@@ -32,7 +32,7 @@ from .data import SliceStream, resample_inplane
 #: The default recipe (see docs/training.md, "Fine-tuning", and benchmarks/finetune.py); a model
 #: card's ``finetune`` overrides it for its model (`recipe`).
 DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anchor_groups": "voxels",
-            "blend": 0.5, "other_patches": 4, "average_last": 0.5}
+            "blend": 0.5, "stroke_blend": 0.25, "other_patches": 4, "average_last": 0.5}
 
 
 def recipe(model) -> dict:
@@ -111,9 +111,9 @@ def anchor_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, where: torch
     return torch.stack(terms).mean() if terms else logits.sum() * 0
 
 
-def _check_blend(share) -> None:
+def _check_blend(share, what: str = "blend") -> None:
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-        raise ConsistentSegError(f"blend must be in (0, 1] (the share of the fine-tune's weight change kept), "
+        raise ConsistentSegError(f"{what} must be in (0, 1] (the share of the fine-tune's weight change kept), "
                                  f"not {share!r}")
 
 
@@ -153,8 +153,11 @@ class Finetuner:
     starting model's (averaged as ``anchor_groups`` says). Options left None come from the
     model's :func:`recipe`. ``method``: "supervised" or "icl" (adds ICL's unlabeled terms on the slices
     without a known voxel). ``blend`` in (0, 1]: the share of the weight change the steps made that
-    the result keeps (a weight-space ensemble of the starting and the trained network, as WiSE-FT);
-    the steps train ``self.trained`` and ``self.model`` is the blend, valid after every ``step()``.
+    the result keeps (a weight-space ensemble of the starting and the trained network, as WiSE-FT)
+    when every corrected slice is known whole; ``stroke_blend`` the share when the corrections are
+    strokes (a slice known in part: brush dabs paint one label over their disk, right or wrong, so
+    they are trusted less; docs/training.md). ``self.blend`` is the share in use. The steps train
+    ``self.trained`` and ``self.model`` is the blend, valid after every ``step()``.
     Each step draws ``batch_size`` patches around the corrections and ``other_patches`` from the
     slices without corrections (for the anchor and ICL's unlabeled terms). ``average_last`` in
     [0, 1): the trained weights are averaged over that share of the ``steps`` planned, at the end
@@ -166,19 +169,22 @@ class Finetuner:
     def __init__(self, model: Model, image: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None, *,
                  spacing_mm=None, modality: str | None = None, device=None, method: str | None = None,
                  lr: float | None = None, anchor: float | None = None, anchor_groups: str | None = None,
-                 blend: float | None = None, other_patches: int | None = None, steps: int | None = None,
-                 average_last: float | None = None, batch_size: int = 4, confidence_threshold: float = 0.0,
-                 seed: int = 0):
+                 blend: float | None = None, stroke_blend: float | None = None, other_patches: int | None = None,
+                 steps: int | None = None, average_last: float | None = None, batch_size: int = 4,
+                 confidence_threshold: float = 0.0, seed: int = 0):
         given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups, "blend": blend,
-                 "other_patches": other_patches, "steps": steps, "average_last": average_last}
+                 "stroke_blend": stroke_blend, "other_patches": other_patches, "steps": steps,
+                 "average_last": average_last}
         chosen = {**recipe(model), **{k: v for k, v in given.items() if v is not None}}
-        method, lr, anchor, anchor_groups, blend, other_patches, steps, average_last = (chosen[k] for k in given)
+        (method, lr, anchor, anchor_groups, blend, stroke_blend, other_patches, steps,
+         average_last) = (chosen[k] for k in given)
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
         if method not in FINETUNE_METHODS:
             raise ConsistentSegError(f"fine-tuning method must be 'supervised' or 'icl', not {method!r}")
         _check_anchor_groups(anchor_groups)
         _check_blend(blend)
+        _check_blend(stroke_blend, "stroke_blend")
         _check_count(other_patches, "other_patches (patches from the other slices per step)")
         _check_count(steps, "steps")
         _check_average_last(average_last)
@@ -211,7 +217,9 @@ class Finetuner:
             raise ConsistentSegError("nothing painted: correct the segmentation with the brush or eraser "
                                      "(or paint at least one slice) first")
         self.device = pick_device(device)
-        self.method, self.anchor, self.anchor_groups, self.blend = method, float(anchor), anchor_groups, float(blend)
+        strokes = not known[labeled].all()  # a corrected slice known in part
+        self.method, self.anchor, self.anchor_groups = method, float(anchor), anchor_groups
+        self.blend = float(stroke_blend if strokes else blend)
         self.painted_slices = [int(z) for z in labeled]
         self.known_voxels = int(known.sum())
         self.trained = Model(copy.deepcopy(model.backbone), copy.deepcopy(model.card), None, model.path)
@@ -414,5 +422,6 @@ class ICLFinetuner(Finetuner):
         kw.setdefault("method", "icl")
         kw.setdefault("anchor", 0.0)
         kw.setdefault("blend", 1.0)
+        kw.setdefault("stroke_blend", kw["blend"])
         kw.setdefault("average_last", 0.0)
         super().__init__(model, image, painted, known, **kw)

@@ -146,6 +146,15 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   same starts), one torch thread per process, the cases split over two processes (a third job
   shared the cores for the first 40 minutes, so its round times are not comparable). The rows
   named `default` above are the recipe of before, the last step's weights.
+- **stroke-blend**: the default since the evening of 2026-12-01 (`stroke_blend` 0.25): the
+  `tail-average` training, and a quarter of the change kept when the corrections are strokes (a
+  corrected slice known in part), half for whole slices. Run on the strokes and organ rounds (the
+  same Zen 3, float32, two processes of one thread; `--methods stroke-blend --blends 0.5`, whose
+  `blend 0.5` rows equal the `tail-average` rows on all 62 and are left out); on whole slices it is
+  `tail-average` itself, and on the brush rounds `tail-average, blend 0.25`.
+- **tail-average** and **tail-average, blend B** on the **brush** rounds: all 31 scans, one
+  training per round scored at shares 0.5 (its own), 0.25, 0.35 and 0.75 on every slice, the same
+  Zen 3 in float32, two processes of one thread, 2026-12-01 evening.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only
   untouched classes held): it gives `default, blend 1` exactly on the 118 rounds the later rule
   leaves alone.

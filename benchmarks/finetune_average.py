@@ -49,7 +49,8 @@ def main(argv=None) -> int:
             where = ~known & case.scored_slices[:, None, None]
             start = fb.dice_on(before, case.labels, where, case.scored_classes)
             # the script averages for itself; "last step": share 0.5 for strokes too, as until 2026-12-01
-            options = {**recipe(model), "average_last": 0.0, "stroke_blend": recipe(model)["blend"]}
+            base = recipe(model)
+            options = {**base, "average_last": 0.0, "stroke_blend": base["blend"]}
             tuner = fb.tuner_for(model, case, labels, known, options)
             averages = {first: None for first, _ in variants.values()}
             for s in range(1, options["steps"] + 1):

@@ -2,6 +2,10 @@
 messages on bad choices. A tiny random-weight model stands in for the shipped ones."""
 
 import math
+import os
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from napari_consistent_seg._napari.attention_widget import AttentionWidget
 from napari_consistent_seg._napari.evaluate_widget import EvaluateWidget
 from napari_consistent_seg._napari.layers import METADATA_KEY
 from napari_consistent_seg._napari.segment_widget import SegmentWidget
+from napari_consistent_seg.errors import ConsistentSegError
 from napari_consistent_seg.inference import keep_largest_components
 from napari_consistent_seg.io import Geometry
 from napari_consistent_seg.metrics import evaluate_labels, read_csv
@@ -264,3 +269,51 @@ def test_evaluate_mismatched_shapes_say_so(qtbot, messages):
 
 
 # -- Fine-tune: tests/test_finetune_widget.py --
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice level is Linux's")
+def test_tasks_run_on_a_lower_priority_thread_with_torch_on_every_core():
+    """What the widgets run goes to a fresh thread at nice +10 (torch's OpenMP team inherits it), with
+    replies, the return value, errors and an abandoned task's clean-up as if it ran in the caller."""
+    from napari_consistent_seg._napari import _workers
+
+    caller, seen, others = threading.get_native_id(), {}, set(threading.enumerate())
+
+    def task(progress, cancel):
+        seen["thread"] = threading.get_native_id()
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, seen["thread"])
+        seen["torch threads"] = torch.get_num_threads()
+        try:
+            reply = yield 1
+            yield reply
+        finally:
+            seen["closed on"] = threading.get_native_id()
+        return "done"
+
+    run, finish = _workers._at_low_priority(task)
+    steps = run(None, None)
+    assert next(steps) == 1 and steps.send("echo") == "echo"
+    with pytest.raises(StopIteration) as end:
+        next(steps)
+    assert end.value.value == "done"
+    assert seen["thread"] != caller and seen["torch threads"] == torch.get_num_threads()
+    assert seen["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, caller) + _workers.NICENESS)
+
+    finish()
+    run, finish = _workers._at_low_priority(task)
+    abandoned = run(None, None)
+    next(abandoned)  # napari stops resuming a cancelled generator: its clean-up runs at finish, on its thread
+    finish()
+    assert seen["closed on"] == seen["thread"] != caller
+
+    def failing(progress, cancel):
+        raise ConsistentSegError("a clear message")
+
+    run, finish = _workers._at_low_priority(failing)
+    with pytest.raises(ConsistentSegError, match="a clear message"):
+        run(None, None)
+    finish()
+    deadline, ours = time.monotonic() + 5, lambda: set(threading.enumerate()) - others  # each thread ends
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not ours()

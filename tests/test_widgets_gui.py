@@ -239,6 +239,8 @@ def _write_responsiveness_doc(results, model, shape):
 
     import torch
 
+    from napari_consistent_seg._napari._workers import NICENESS
+
     lines = [
         "# GUI responsiveness",
         "",
@@ -248,7 +250,8 @@ def _write_responsiveness_doc(results, model, shape):
         "regenerate with `WRITE_DOCS=1 .venv/bin/python -m pytest tests/test_widgets_gui.py -k stalls -s`).",
         "",
         (f"Scan: acdc {CASE} {shape} (z, y, x); model `{model}`; CPU, {os.cpu_count()} cores "
-         f"({platform.machine()}), the worker's torch on {max(1, torch.get_num_threads() - 1)} thread(s) (a core is left to napari); Xvfb."),
+         f"({platform.machine()}); the task on a thread of its own at nice +{NICENESS}, torch on "
+         f"{torch.get_num_threads()} threads (Linux; elsewhere all but one, a core left to napari); Xvfb."),
         "",
         "| run | duration (s) | longest stall while working (ms) | longest stall while napari adds or removes a layer (ms) |",
         "|---|---|---|---|",
@@ -261,6 +264,10 @@ def _write_responsiveness_doc(results, model, shape):
         "Measured on a shared 2-core machine with other jobs running: the idle row is the machine's own",
         "stall with nothing of ours running, and repeated runs differ by a few hundred ms. Expect smaller",
         "figures on a desktop.",
+        "",
+        "A whole default Fine-tune round (60 steps), with and without a user scrolling through the slices,",
+        "the low-priority thread against a core left to napari: `benchmarks/widget_round.py`, figures in",
+        "[training.md](training.md#round-time-in-napari).",
         "",
     ]
     (DOCS / "gui-responsiveness.md").write_text("\n".join(lines))

@@ -9,11 +9,15 @@ yields intermediate results (delivered on the main thread) and returns its resul
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, Qt, Signal
@@ -110,7 +114,9 @@ class TaskRunner(QWidget):
             relay.progressed.emit(int(done), int(total))
 
         cancel = threading.Event()
-        worker = create_worker(_leaving_a_core_to_the_gui(task), progress, cancel, _ignore_errors=True)
+        off_the_gui, finish = _at_low_priority(task)
+        worker = create_worker(off_the_gui, progress, cancel, _ignore_errors=True)
+        worker.finished.connect(finish, Qt.ConnectionType.DirectConnection)  # in the worker's thread, first
         self._state.begin(worker, cancel)
         self._callbacks = {"returned": on_returned, "yielded": on_yielded, "finished": on_finished}
         self._description = description
@@ -193,6 +199,81 @@ class TaskRunner(QWidget):
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(int(completed))
         self.cancel_button.setEnabled(False)
+
+
+#: How much lower than napari's the CPU priority of our torch threads is (Linux nice levels).
+NICENESS = 10
+_background = threading.local()
+
+
+def _at_low_priority(task: Callable) -> tuple[Callable, Callable[[], None]]:
+    """``task`` to run on a fresh thread of lower CPU priority, torch on every core; and ``finish()``.
+
+    napari's main thread must keep drawing while torch computes. On Linux a thread's nice level is
+    its own and the threads it starts inherit it, so the task runs on a new thread that lowers its
+    priority first; torch's OpenMP team, started by that thread, is lowered with it. Idle, the task
+    gets both cores of a 2-core laptop; when napari draws, the kernel gives napari the core it needs.
+    Elsewhere (no per-thread nice) torch runs on all cores but one (`_one_core_left`).
+    docs/gui-responsiveness.md has the measurements.
+
+    ``finish()``, called once the worker is done (returned, failed, or stopped resuming a cancelled
+    generator), runs a cancelled generator's own clean-up and ends the thread and its OpenMP team.
+    """
+    if not sys.platform.startswith("linux"):
+        return _leaving_a_core_to_the_gui(task), lambda: None
+    background, started = _LowPriorityThread(), []
+
+    def finish() -> None:
+        for steps in started:
+            background.call(steps.close)
+        background.close()
+
+    if inspect.isgeneratorfunction(task):
+        def generator(*args):
+            steps = background.call(task, *args)
+            started.append(steps)
+            reply = None
+            while True:
+                try:
+                    value = background.call(steps.send, reply)
+                except StopIteration as stop:
+                    return stop.value
+                reply = yield value
+        return generator, finish
+    return functools.partial(background.call, task), finish
+
+
+class _LowPriorityThread:
+    """One thread at `NICENESS` below the caller's priority that runs the calls handed to it, in turn.
+
+    It starts with the first call; a call made from that thread itself runs directly. ``close()``
+    ends it, and its OpenMP team with it.
+    """
+
+    def __init__(self):
+        import torch
+
+        self._pool = ThreadPoolExecutor(1, "consistent-seg", initializer=_lower_this_thread,
+                                        initargs=(torch.get_num_threads(),))
+
+    def call(self, function: Callable, *args):
+        if getattr(_background, "here", False):
+            return function(*args)
+        return self._pool.submit(function, *args).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+def _lower_this_thread(threads: int) -> None:
+    import torch
+
+    try:
+        os.nice(NICENESS)  # Linux: this thread only
+    except OSError as error:  # a sandbox may refuse: run at the caller's priority
+        log.warning("could not lower the priority of the torch thread: %s", error)
+    torch.set_num_threads(threads)  # a new thread takes torch's last count, which inference may have lowered
+    _background.here = True
 
 
 @contextlib.contextmanager

@@ -105,15 +105,16 @@ def main(argv=None) -> None:
         viewer.dims.set_current_step(0, (viewer.dims.current_step[0] + 1) % image.data.shape[0])
 
     scroller.timeout.connect(scroll)
-    wrap = {"low-priority": _workers._at_low_priority, "one-core-left": _workers._leaving_a_core_to_the_gui}
+    wrap = {"low-priority": _workers._at_low_priority,
+            "one-core-left": lambda task: (_workers._leaving_a_core_to_the_gui(task), lambda: None)}
     from speed import machine  # benchmarks/speed.py: the CPU's name, torch's threads, the load
 
     from napari_consistent_seg.inference import cpu_has_native_bf16
 
     print(f"{machine()}; forward passes in {'bf16' if cpu_has_native_bf16() else 'float32'}; {CASE}, "
           f"{args.steps} steps")
-    print("| scrolling | torch off the main thread | round (s) | heartbeat gap median / p99 / max (ms), napari's layer work left out | gaps > 100 ms |")
-    print("|---|---|---|---|---|")
+    print("| scrolling | torch off the main thread | round (s) | its steps (s) | heartbeat gap median / p99 / max (ms), napari's layer work left out | gaps > 100 ms |")
+    print("|---|---|---|---|---|---|")
     for scroll_ms in args.scroll_ms:
         for _ in range(args.repeats):
             for mode in MODES:
@@ -128,11 +129,12 @@ def main(argv=None) -> None:
                 assert widget.run()
                 _wait(app, until=lambda: not widget.runner.running)
                 seconds = time.perf_counter() - started
+                steps_s = widget.tuner.elapsed_s
                 heartbeat.stop()
                 scroller.stop()
                 widget.revert()
                 s = _gap_stats(gaps, layer_work)
-                print(f"| {f'every {scroll_ms} ms' if scroll_ms else 'none'} | {mode} | {seconds:.1f} | "
+                print(f"| {f'every {scroll_ms} ms' if scroll_ms else 'none'} | {mode} | {seconds:.1f} | {steps_s:.1f} | "
                       f"{s['median']:.0f} / {s['p99']:.0f} / {s['max']:.0f} | {s['over 100 ms']} |", flush=True)
     _workers._at_low_priority = wrap["low-priority"]
     viewer.close()

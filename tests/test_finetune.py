@@ -256,7 +256,7 @@ def test_anchor_groups_weigh_what_the_teacher_sees_alike():
     for groups in ("classes", "foreground", "voxels+classes"):
         assert float(anchor_loss(teacher, teacher, where, groups)) == pytest.approx(0.0, abs=1e-6)
         assert float(anchor_loss(student, teacher, torch.zeros_like(where), groups)) == 0
-    with pytest.raises(ConsistentSegError, match="anchor groups"):
+    with pytest.raises(ConsistentSegError, match="anchor_groups"):
         anchor_loss(student, teacher, where, "organs")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,30 @@ FINETUNE_METHODS = ("supervised", "icl")
 #: The fine-tuning recipe a card may set for its model (``finetune``), over training.finetune.DEFAULTS.
 FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str, "blend": float,
                  "stroke_blend": float, "other_patches": int, "average_last": float}
+
+
+def finetune_option_problem(key: str, value) -> str | None:
+    """What is wrong with ``value`` as the fine-tuning option ``key``, said after the option's name
+    (None: nothing): the one rule for a card's recipe and for the fine-tuner's arguments."""
+    kind = FINETUNE_KEYS[key]
+    if kind is str:
+        if not isinstance(value, str):
+            return "must be text"
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return "must be a number"
+    elif kind is int and (not isinstance(value, numbers.Integral) or value < 1):
+        return "must be a whole number >= 1"
+    elif value < 0:
+        return "must be >= 0"
+    if key == "method" and value not in FINETUNE_METHODS:
+        return "must be " + " or ".join(map(repr, FINETUNE_METHODS))
+    if key == "anchor_groups" and value not in ANCHOR_GROUPS:
+        return f"must be one of {', '.join(ANCHOR_GROUPS)}"
+    if key in ("blend", "stroke_blend") and not 0 < value <= 1:
+        return "(the share of the fine-tune's weight change kept) must be in (0, 1]"
+    if key == "average_last" and not value < 1:
+        return "(the share of the planned steps, at the end, whose weights are averaged) must be in [0, 1)"
+    return None
 
 
 def default_colours(classes) -> dict[int, str]:
@@ -306,24 +331,10 @@ class ModelCard:
         recipe = self.finetune
         if not isinstance(recipe, dict) or set(recipe) - set(FINETUNE_KEYS):
             raise _error(f"'finetune' must be an object with some of {', '.join(FINETUNE_KEYS)}, got {recipe!r}")
-        for key, kind in FINETUNE_KEYS.items():
-            value = recipe.get(key)
-            ok = (value is None or (isinstance(value, str) if kind is str else
-                                    _is_int(value) and value > 0 if kind is int else _is_number(value) and value >= 0))
-            if not ok:
-                raise _error(f"'finetune.{key}' must be {'text' if kind is str else 'a number'}, got {value!r}")
-        if recipe.get("method", "supervised") not in FINETUNE_METHODS:
-            raise _error(f"'finetune.method' must be one of {', '.join(FINETUNE_METHODS)}, got {recipe['method']!r}")
-        for key in ("blend", "stroke_blend"):
-            if not 0 < recipe.get(key, 1.0) <= 1:
-                raise _error(f"'finetune.{key}' (the share of the fine-tune's weight change kept) must be in (0, 1], "
-                             f"got {recipe[key]!r}")
-        if not recipe.get("average_last", 0.0) < 1:
-            raise _error(f"'finetune.average_last' (the share of the steps whose weights are averaged) must be "
-                         f"in [0, 1), got {recipe['average_last']!r}")
-        if recipe.get("anchor_groups", "voxels") not in ANCHOR_GROUPS:
-            raise _error(f"'finetune.anchor_groups' must be one of {', '.join(ANCHOR_GROUPS)}, "
-                         f"got {recipe['anchor_groups']!r}")
+        for key, value in recipe.items():
+            problem = finetune_option_problem(key, value)
+            if problem:
+                raise _error(f"'finetune.{key}' {problem}, got {value!r}")
 
     # ---- views --------------------------------------------------------------------------------
     @property

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import numbers
 import time
 
 import numpy as np
@@ -22,7 +21,7 @@ from ..errors import ConsistentSegError, InvalidInputError, ShapeMismatchError
 from ..inference import (apply_corrections, argmax_labels, check_cancel, inference_precision, model_view, pick_device,
                          prepare_input)
 from ..io.volume import Volume
-from ..models.card import ANCHOR_GROUPS, FINETUNE_METHODS
+from ..models.card import finetune_option_problem
 from ..models.modules import EAMModule, ICLModules
 from ..models.store import Model
 from . import losses
@@ -94,7 +93,7 @@ def anchor_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, where: torch
     foreground and background (so a heart weighs as much as the chest around it); "classes", the
     mean over classes of the means over the voxels the teacher gives each class; "voxels+classes",
     the mean of the "voxels" and "classes" terms."""
-    _check_anchor_groups(groups)
+    _check("anchor_groups", groups)
     if groups == "voxels+classes":
         return 0.5 * (anchor_loss(logits, teacher_logits, where, "voxels")
                       + anchor_loss(logits, teacher_logits, where, "classes"))
@@ -111,21 +110,11 @@ def anchor_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, where: torch
     return torch.stack(terms).mean() if terms else logits.sum() * 0
 
 
-def _check_blend(share, what: str = "blend") -> None:
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-        raise ConsistentSegError(f"{what} must be in (0, 1] (the share of the fine-tune's weight change kept), "
-                                 f"not {share!r}")
-
-
-def _check_count(count, what: str) -> None:
-    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
-        raise ConsistentSegError(f"{what} must be a whole number >= 1, not {count!r}")
-
-
-def _check_average_last(share) -> None:
-    if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0 <= share < 1:
-        raise ConsistentSegError(f"average_last (the share of the planned steps, at the end, whose weights are "
-                                 f"averaged) must be in [0, 1), not {share!r}")
+def _check(key: str, value) -> None:
+    """``value`` as the fine-tuning option ``key`` (models.card.FINETUNE_KEYS), or a clear error."""
+    problem = finetune_option_problem(key, value)
+    if problem:
+        raise ConsistentSegError(f"{key} {problem}, not {value!r}")
 
 
 def running_mean(means: list[torch.Tensor] | None, tensors, n: int) -> list[torch.Tensor]:
@@ -137,11 +126,6 @@ def running_mean(means: list[torch.Tensor] | None, tensors, n: int) -> list[torc
         for mean, now in zip(means, tensors):
             mean.add_((now - mean) / n)
     return means
-
-
-def _check_anchor_groups(groups) -> None:
-    if groups not in ANCHOR_GROUPS:
-        raise ConsistentSegError(f"anchor groups must be one of {', '.join(ANCHOR_GROUPS)}, not {groups!r}")
 
 
 class Finetuner:
@@ -180,14 +164,8 @@ class Finetuner:
          average_last) = (chosen[k] for k in given)
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
-        if method not in FINETUNE_METHODS:
-            raise ConsistentSegError(f"fine-tuning method must be 'supervised' or 'icl', not {method!r}")
-        _check_anchor_groups(anchor_groups)
-        _check_blend(blend)
-        _check_blend(stroke_blend, "stroke_blend")
-        _check_count(other_patches, "other_patches (patches from the other slices per step)")
-        _check_count(steps, "steps")
-        _check_average_last(average_last)
+        for key in given:
+            _check(key, chosen[key])
         image = np.asarray(image)
         labels = np.asarray(labels)
         if image.ndim != 3 or not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
@@ -346,7 +324,7 @@ class Finetuner:
         ``weights`` (the backbone's parameters, in order), by default the average of the round's
         last steps (``average_last``) once it has begun, else the trained weights. Written into
         ``into``'s network when given, else into a new copy; the ICL modules are the trained ones."""
-        _check_blend(share)
+        _check("blend", share)
         if into is None:
             into = Model(copy.deepcopy(self.trained.backbone), self.trained.card, self.trained.modules, self.trained.path)
         if weights is None:

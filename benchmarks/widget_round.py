@@ -18,6 +18,7 @@ Two ways of running torch off the main thread, interleaved A B A B in one proces
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -47,11 +48,8 @@ def _wait(app, seconds: float | None = None, until=None) -> None:
     poll.stop()
 
 
-def _gap_stats(gaps: list[tuple[float, float]], layer_work: list) -> dict:
-    """Gaps between heartbeat ticks, in ms, leaving out those that overlap napari adding or removing
-    a layer (its own main-thread work, paid by any plugin that adds one: docs/gui-responsiveness.md)."""
-    g = 1000 * np.asarray([b - a for a, b in gaps
-                           if not any(a <= (end or np.inf) and start <= b for start, end, _ in layer_work)])
+def _gap_stats(gaps: list[tuple[float, float]]) -> dict:
+    g = 1000 * np.asarray([b - a for a, b in gaps])
     return {"median": np.median(g), "p99": np.percentile(g, 99), "max": g.max(), "over 100 ms": int((g > 100).sum())}
 
 
@@ -83,23 +81,11 @@ def main(argv=None) -> None:
     app = QApplication.instance()
     _wait(app, seconds=2.0)
 
-    gaps, last, layer_work = [], [0.0], []  # layer_work: [start, end] of napari adding or removing a layer
+    # the GUI test's heartbeat: gaps while napari adds or removes a layer (its own work) are left out
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_widgets_gui import Heartbeat
 
-    def tick():
-        now = time.perf_counter()
-        gaps.append((last[0], now))
-        last[0] = now
-        if layer_work and layer_work[-1][1] is None and layer_work[-1][2]:
-            layer_work[-1][1] = now  # napari builds the layer's controls after "inserted": up to this tick
-
-    for starts, ends in ((viewer.layers.events.inserting, viewer.layers.events.inserted),
-                         (viewer.layers.events.removing, viewer.layers.events.removed)):
-        starts.connect(lambda _event: layer_work.append([time.perf_counter(), None, False]))
-        ends.connect(lambda _event: layer_work[-1].__setitem__(2, True))
-
-    heartbeat, scroller = QTimer(), QTimer()
-    heartbeat.setInterval(10)
-    heartbeat.timeout.connect(tick)
+    heartbeat, scroller = Heartbeat(viewer), QTimer()
 
     def scroll():
         viewer.dims.set_current_step(0, (viewer.dims.current_step[0] + 1) % image.data.shape[0])
@@ -119,21 +105,17 @@ def main(argv=None) -> None:
         for _ in range(args.repeats):
             for mode in MODES:
                 _workers._at_low_priority = wrap[mode]  # TaskRunner.start looks it up when it starts
-                gaps.clear()
-                layer_work.clear()
-                last[0] = time.perf_counter()
-                heartbeat.start()
-                if scroll_ms:
-                    scroller.start(scroll_ms)
-                started = time.perf_counter()
-                assert widget.run()
-                _wait(app, until=lambda: not widget.runner.running)
-                seconds = time.perf_counter() - started
+                with heartbeat.measure():
+                    if scroll_ms:
+                        scroller.start(scroll_ms)
+                    started = time.perf_counter()
+                    assert widget.run()
+                    _wait(app, until=lambda: not widget.runner.running)
+                    seconds = time.perf_counter() - started
+                    scroller.stop()
                 steps_s = widget.tuner.elapsed_s
-                heartbeat.stop()
-                scroller.stop()
                 widget.revert()
-                s = _gap_stats(gaps, layer_work)
+                s = _gap_stats(heartbeat.working_gaps())
                 print(f"| {f'every {scroll_ms} ms' if scroll_ms else 'none'} | {mode} | {seconds:.1f} | {steps_s:.1f} | "
                       f"{s['median']:.0f} / {s['p99']:.0f} / {s['max']:.0f} | {s['over 100 ms']} |", flush=True)
     _workers._at_low_priority = wrap["low-priority"]

@@ -105,10 +105,14 @@ class Heartbeat:
             yield result
         finally:
             self._timer.stop()
-            inserting = [g for g in self.gaps if any(g[0] <= end and start <= g[1] for start, end in self.inserting)]
-            working = [g for g in self.gaps if g not in inserting]
+            working = self.working_gaps()
+            inserting = [g for g in self.gaps if g not in working]
             result["work_ms"] = max((1000 * (b - a) for a, b in working), default=0.0)
             result["insert_ms"] = max((1000 * (b - a) for a, b in inserting), default=0.0)
+
+    def working_gaps(self) -> list[tuple[float, float]]:
+        """The last measurement's gaps (start, end) that overlap no layer insertion or removal."""
+        return [g for g in self.gaps if not any(g[0] <= end and start <= g[1] for start, end in self.inserting)]
 
 
 def test_segment_an_acdc_scan_in_napari(make_napari_viewer, qtbot, acdc_case, tiny_model):

@@ -203,7 +203,6 @@ class TaskRunner(QWidget):
 
 #: How much lower than napari's the CPU priority of our torch threads is (Linux nice levels).
 NICENESS = 10
-_background = threading.local()
 
 
 def _at_low_priority(task: Callable) -> tuple[Callable, Callable[[], None]]:
@@ -246,8 +245,7 @@ def _at_low_priority(task: Callable) -> tuple[Callable, Callable[[], None]]:
 class _LowPriorityThread:
     """One thread at `NICENESS` below the caller's priority that runs the calls handed to it, in turn.
 
-    It starts with the first call; a call made from that thread itself runs directly. ``close()``
-    ends it, and its OpenMP team with it.
+    It starts with the first call; ``close()`` ends it, and its OpenMP team with it.
     """
 
     def __init__(self):
@@ -257,8 +255,6 @@ class _LowPriorityThread:
                                         initargs=(torch.get_num_threads(),))
 
     def call(self, function: Callable, *args):
-        if getattr(_background, "here", False):
-            return function(*args)
         return self._pool.submit(function, *args).result()
 
     def close(self) -> None:
@@ -273,7 +269,6 @@ def _lower_this_thread(threads: int) -> None:
     except OSError as error:  # a sandbox may refuse: run at the caller's priority
         log.warning("could not lower the priority of the torch thread: %s", error)
     torch.set_num_threads(threads)  # a new thread takes torch's last count, which inference may have lowered
-    _background.here = True
 
 
 @contextlib.contextmanager

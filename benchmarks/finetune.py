@@ -87,6 +87,8 @@ METHODS = {
     "tail-average": {"steps": DEFAULTS["steps"], "average_last": 0.5, **_share(0.5)},
     # and share 0.25 for strokes: the default since the evening of 2026-12-01
     "stroke-blend": {"steps": DEFAULTS["steps"], "average_last": 0.5, "blend": 0.5, "stroke_blend": 0.25},
+    # the default with the other slices' patches at 2/3 of the edge (128 x 128 for the shipped models)
+    "other-patches-small": {"steps": DEFAULTS["steps"], "other_patch_scale": 2 / 3},
 }
 
 

@@ -14,6 +14,7 @@ from napari_consistent_seg.models.store import load_model
 from napari_consistent_seg.training import losses
 from napari_consistent_seg.training.finetune import (
     Finetuner,
+    _one_batch,
     anchor_loss,
     ICLFinetuner,
     finetune,
@@ -326,6 +327,34 @@ def test_other_patches_sets_the_patches_drawn_from_the_other_slices(tiny_model_p
             Finetuner(model, image, truth, other_patches=bad, batch_size=2)
     with pytest.raises(ConsistentSegError, match="other_patches"):
         dataclasses.replace(model.card, finetune={"other_patches": 0})
+
+
+def test_other_patch_scale_draws_smaller_patches_from_the_other_slices(tiny_model_path):
+    """``other_patch_scale``: the other slices' patches at that share of the card's patch edge
+    (they only serve the anchor and ICL's unlabeled terms); the anchor is then the mean over the
+    voxels of both batches, as when they are the same size."""
+    model = load_model(tiny_model_path)
+    image, truth = scan()
+    full = model.card.patch_size
+    for method in ("supervised", "icl"):
+        tuner = Finetuner(model, image, truth, method=method, anchor=1.0, other_patch_scale=0.5, batch_size=2)
+        assert tuner.unlabeled.patch == tuple(round(p / 2) for p in full)  # 32 x 32 of 64 x 64
+        assert np.isfinite(tuner.step()["anchor"])
+        assert tuner.finished_model().card.fine_tuning[-1]["other_patch_scale"] == 0.5
+    gen = torch.Generator().manual_seed(0)
+    big, small = torch.randn(2, 3, 8, 8, generator=gen), torch.randn(3, 3, 4, 4, generator=gen)
+    t_big, t_small = torch.randn(2, 3, 8, 8, generator=gen), torch.randn(3, 3, 4, 4, generator=gen)
+    where = [torch.rand(2, 8, 8, generator=gen) > 0.3, torch.ones(3, 4, 4, dtype=torch.bool)]
+    both = anchor_loss(_one_batch(big, small), _one_batch(t_big, t_small), _one_batch(*where))
+    n = [int(w.sum()) for w in where]
+    apart = [anchor_loss(x, t, w) for x, t, w in zip((big, small), (t_big, t_small), where)]
+    assert float(both) == pytest.approx(float((apart[0] * n[0] + apart[1] * n[1]) / sum(n)), rel=1e-5)
+    assert torch.equal(_one_batch(big, big), torch.cat([big, big]))  # same size: one batch, as before
+    model.card.finetune = {"other_patch_scale": 0.75}
+    assert Finetuner(model, image, truth, batch_size=2).other_patch_scale == 0.75
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConsistentSegError, match="other_patch_scale"):
+            Finetuner(model, image, truth, other_patch_scale=bad, batch_size=2)
 
 
 def test_corrections_on_a_scan_in_another_plane_come_back_on_its_grid(tiny_model_path):

@@ -53,7 +53,7 @@ ANCHOR_GROUPS = ("voxels", "foreground", "classes", "voxels+classes")
 FINETUNE_METHODS = ("supervised", "icl")
 #: The fine-tuning recipe a card may set for its model (``finetune``), over training.finetune.DEFAULTS.
 FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str, "blend": float,
-                 "stroke_blend": float, "other_patches": int, "average_last": float}
+                 "stroke_blend": float, "other_patches": int, "other_patch_scale": float, "average_last": float}
 
 
 def finetune_option_problem(key: str, value) -> str | None:
@@ -73,6 +73,8 @@ def finetune_option_problem(key: str, value) -> str | None:
         return "must be " + " or ".join(map(repr, FINETUNE_METHODS))
     if key == "anchor_groups" and value not in ANCHOR_GROUPS:
         return f"must be one of {', '.join(ANCHOR_GROUPS)}"
+    if key == "other_patch_scale" and not 0 < value <= 1:
+        return "(the other slices' patch edge as a share of the card's patch size) must be in (0, 1]"
     if key in ("blend", "stroke_blend") and not 0 < value <= 1:
         return "(the share of the fine-tune's weight change kept) must be in (0, 1]"
     if key == "average_last" and not value < 1:

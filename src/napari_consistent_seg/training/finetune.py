@@ -31,7 +31,8 @@ from .data import SliceStream, resample_inplane
 #: The default recipe (see docs/training.md, "Fine-tuning", and benchmarks/finetune.py); a model
 #: card's ``finetune`` overrides it for its model (`recipe`).
 DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anchor_groups": "voxels",
-            "blend": 0.5, "stroke_blend": 0.25, "other_patches": 4, "average_last": 0.5}
+            "blend": 0.5, "stroke_blend": 0.25, "other_patches": 4,
+            "other_patch_scale": 1.0, "average_last": 0.5}
 
 
 def recipe(model) -> dict:
@@ -110,6 +111,18 @@ def anchor_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, where: torch
     return torch.stack(terms).mean() if terms else logits.sum() * 0
 
 
+def _one_batch(*batches: torch.Tensor) -> torch.Tensor:
+    """Batches of patches, (B, C, H, W) or (B, H, W), as one for the per-voxel terms
+    (``anchor_loss``): concatenated when their patches are the same size, else one row of all their
+    voxels, (1, C, N, 1) or (1, N, 1)."""
+    if all(b.shape[-2:] == batches[0].shape[-2:] for b in batches):
+        return torch.cat(batches)
+    if batches[0].ndim == 3:
+        return _one_batch(*(b[:, None] for b in batches))[:, 0]
+    rows = [b.movedim(1, 0).reshape(b.shape[1], -1) for b in batches]
+    return torch.cat(rows, 1)[None, :, :, None]
+
+
 def _check(key: str, value) -> None:
     """``value`` as the fine-tuning option ``key`` (models.card.FINETUNE_KEYS), or a clear error."""
     problem = finetune_option_problem(key, value)
@@ -154,13 +167,14 @@ class Finetuner:
                  spacing_mm=None, modality: str | None = None, device=None, method: str | None = None,
                  lr: float | None = None, anchor: float | None = None, anchor_groups: str | None = None,
                  blend: float | None = None, stroke_blend: float | None = None, other_patches: int | None = None,
-                 steps: int | None = None, average_last: float | None = None, batch_size: int = 4,
-                 confidence_threshold: float = 0.0, seed: int = 0):
+                 other_patch_scale: float | None = None, steps: int | None = None,
+                 average_last: float | None = None, batch_size: int = 4, confidence_threshold: float = 0.0,
+                 seed: int = 0):
         given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups, "blend": blend,
-                 "stroke_blend": stroke_blend, "other_patches": other_patches, "steps": steps,
-                 "average_last": average_last}
+                 "stroke_blend": stroke_blend, "other_patches": other_patches,
+                 "other_patch_scale": other_patch_scale, "steps": steps, "average_last": average_last}
         chosen = {**recipe(model), **{k: v for k, v in given.items() if v is not None}}
-        (method, lr, anchor, anchor_groups, blend, stroke_blend, other_patches, steps,
+        (method, lr, anchor, anchor_groups, blend, stroke_blend, other_patches, other_patch_scale, steps,
          average_last) = (chosen[k] for k in given)
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
@@ -222,8 +236,10 @@ class Finetuner:
         is_labeled[labeled] = True
         self.labeled = SliceStream([data], [encoded], patch, slice_masks=[is_labeled], seed=seed)
         unlabeled_mask = ~is_labeled if (~is_labeled).any() else is_labeled
-        self.unlabeled = SliceStream([data], [None], patch, slice_masks=[unlabeled_mask], seed=seed + 1)
-        self.batch_size, self.other_patches = batch_size, int(other_patches)
+        other_patch = [min(round(p * other_patch_scale), n)
+                       for p, n in zip(self.trained.card.patch_size, data.shape[1:])]
+        self.unlabeled = SliceStream([data], [None], other_patch, slice_masks=[unlabeled_mask], seed=seed + 1)
+        self.batch_size, self.other_patches, self.other_patch_scale = batch_size, int(other_patches), other_patch_scale
         self.confidence_threshold = confidence_threshold
         self.weights = {"aux": 1.0, "pse": 1.0, "cons": 50.0,
                         **self.trained.card.training_weights}
@@ -292,20 +308,28 @@ class Finetuner:
             terms["pse"] = losses.pseudo_label_loss(consistent_u, out_u, logits_u, mask)
             terms["cons"] = losses.map_consistency(consistent_u, maps_u, mask)
         else:
-            with self._mixed_precision():
-                both = bb(images if unlabeled is None else torch.cat([images, unlabeled]))
-            both = both.float()
-            logits_l, logits_u = both[:len(images)], both[len(images):]
+            logits_l, logits_u = self._forward(bb, images, unlabeled)
         terms["seg"] = partial_seg_loss(logits_l, target, known)
         total = terms["seg"] + sum(self.weights[name] * terms[name] for name in ("aux", "pse", "cons") if name in terms)
         if self.anchor > 0:
-            with torch.no_grad(), self._mixed_precision():
-                teacher = self.teacher(torch.cat([images, unlabeled]))
-            teacher = teacher.float()
-            where = torch.cat([~known, known.new_ones((len(unlabeled), *known.shape[1:]))])
-            terms["anchor"] = anchor_loss(torch.cat([logits_l, logits_u]), teacher, where, self.anchor_groups)
+            with torch.no_grad():
+                teacher_l, teacher_u = self._forward(self.teacher, images, unlabeled)
+            where = [~known, known.new_ones((len(unlabeled), *unlabeled.shape[2:]))]
+            terms["anchor"] = anchor_loss(_one_batch(logits_l, logits_u), _one_batch(teacher_l, teacher_u),
+                                          _one_batch(*where), self.anchor_groups)
             total = total + self.anchor * terms["anchor"]
         return total, terms
+
+    def _forward(self, net, images, unlabeled):
+        """float32 logits of ``net`` on the patches around the corrections and on the other slices'
+        (None when there are none); one pass for both when they are the same size."""
+        with self._mixed_precision():
+            if unlabeled is None:
+                return net(images).float(), None
+            if unlabeled.shape[2:] != images.shape[2:]:
+                return net(images).float(), net(unlabeled).float()
+            both = net(torch.cat([images, unlabeled])).float()
+        return both[:len(images)], both[len(images):]
 
     @property
     def model(self) -> Model:
@@ -338,7 +362,8 @@ class Finetuner:
         """The fine-tuned model with a card that records the fine-tune (a copy, safe to save)."""
         card = self.model.card.fine_tuned({  # a copy; its val scores are cleared (no longer measured)
             "method": self.method, "anchor": self.anchor, "anchor_groups": self.anchor_groups,
-            "blend": self.blend, "other_patches": self.other_patches, "precision": self.precision,
+            "blend": self.blend, "other_patches": self.other_patches, "other_patch_scale": self.other_patch_scale,
+            "precision": self.precision,
             "average_last": self.average_last, "planned_steps": self.planned_steps,
             "steps": self.steps_done,
             "painted_slices": self.painted_slices, "known_voxels": self.known_voxels,

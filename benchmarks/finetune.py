@@ -88,7 +88,7 @@ METHODS = {
     # and share 0.25 for strokes: the default since the evening of 2026-12-01
     "stroke-blend": {"steps": DEFAULTS["steps"], "average_last": 0.5, "blend": 0.5, "stroke_blend": 0.25},
     # the default with the other slices' patches at 2/3 of the edge (128 x 128 for the shipped models)
-    "other-patches-small": {"steps": DEFAULTS["steps"], "other_patch_scale": 2 / 3},
+    "other-patches-small": {"steps": DEFAULTS["steps"], "other_patch_scale": 0.667},
 }
 
 
@@ -157,6 +157,14 @@ one 3D score per case) on the voxels that were **not** painted, before and after
 - **tail-average** and **tail-average, blend B** on the **brush** rounds: all 31 scans, one
   training per round scored at shares 0.5 (its own), 0.25, 0.35 and 0.75 on every slice, the same
   Zen 3 in float32, two processes of one thread, 2026-12-01 evening.
+- **other-patches-small**: the default of the evening of 2026-12-01 (`tail-average` training,
+  `stroke_blend` 0.25) with the 4 patches from the slices without corrections at two thirds of the
+  patch edge (`other_patch_scale`, 128 x 128 for both shipped models; the corrections' 4 stay 192 x
+  192): all 155 rounds of the five paintings but erase, on 2026-12-01 late evening, the same Zen 3
+  in float32, two processes of one torch thread (so the same starts as `tail-average`). Not
+  adopted (docs/training.md).
+- **METHOD, seed N**: the same round trained from seed N instead of 0 (`--seed N`: other patch
+  draws and augmentation, the same painting and start): how much of a round's figure is chance.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only
   untouched classes held): it gives `default, blend 1` exactly on the 118 rounds the later rule
   leaves alone.
@@ -426,6 +434,9 @@ def main(argv=None) -> int:
     p.add_argument("--blends", nargs="+", type=float,
                    help="score each round's weights blended at these shares too (one row each, method "
                         "'NAME, blend B' unless B is the method's own)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the fine-tune's seed (its patch draws and augmentation; the painting does not change); "
+                        "rows of a seed other than 0 are named 'METHOD, seed N'")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--csv", type=Path, help="append one row per round here (rows already there are skipped)")
     p.add_argument("--markdown", type=Path, help="write the summary table here")
@@ -447,6 +458,8 @@ def main(argv=None) -> int:
             methods[method][option] = float(value) if "." in value else int(value)
         except ValueError:
             methods[method][option] = value  # a name: method, anchor_groups
+    if args.seed:
+        methods = {f"{name}, seed {args.seed}": {**options, "seed": args.seed} for name, options in methods.items()}
     if args.timing:
         return time_rounds(args.threads, methods)
     rows, done = [], set()

@@ -56,6 +56,12 @@ FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anc
                  "stroke_blend": float, "other_patches": int, "other_patch_scale": float, "average_last": float}
 
 
+#: The fine-tuning options that are shares in (0, 1], and what each is a share of.
+_SHARES = {"blend": "the share of the fine-tune's weight change kept",
+           "stroke_blend": "the share of the fine-tune's weight change kept",
+           "other_patch_scale": "the other slices' patch edge as a share of the card's patch size"}
+
+
 def finetune_option_problem(key: str, value) -> str | None:
     """What is wrong with ``value`` as the fine-tuning option ``key``, said after the option's name
     (None: nothing): the one rule for a card's recipe and for the fine-tuner's arguments."""
@@ -73,10 +79,8 @@ def finetune_option_problem(key: str, value) -> str | None:
         return "must be " + " or ".join(map(repr, FINETUNE_METHODS))
     if key == "anchor_groups" and value not in ANCHOR_GROUPS:
         return f"must be one of {', '.join(ANCHOR_GROUPS)}"
-    if key == "other_patch_scale" and not 0 < value <= 1:
-        return "(the other slices' patch edge as a share of the card's patch size) must be in (0, 1]"
-    if key in ("blend", "stroke_blend") and not 0 < value <= 1:
-        return "(the share of the fine-tune's weight change kept) must be in (0, 1]"
+    if key in _SHARES and not 0 < value <= 1:
+        return f"({_SHARES[key]}) must be in (0, 1]"
     if key == "average_last" and not value < 1:
         return "(the share of the planned steps, at the end, whose weights are averaged) must be in [0, 1)"
     return None

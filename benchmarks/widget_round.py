@@ -6,18 +6,23 @@ presses Fine-tune with the widget's defaults and the shipped cardiac model. A 10
 the Qt event loop's gaps (its heartbeat); ``--scroll-ms`` also steps napari's slider at that
 interval, so napari redraws the way a user browsing the scan makes it.
 
-Two ways of running torch off the main thread, interleaved A B A B in one process:
-- ``low-priority`` (the widget's now, on Linux): a fresh thread at nice +10, torch on every core;
-- ``one-core-left`` (the widget's before, and its fallback elsewhere): the worker's own thread,
-  torch on all cores but one.
+Ways of running torch off the main thread (``--modes``), interleaved A B A B in one process:
+- ``nice N`` (the widget's on Linux, with its `NICENESS`): a fresh thread at nice +N, torch on every core;
+- ``..., always``: at nice +N even when other processes keep every core busy (`_workers._niceness`);
+- ``..., N threads``: torch on N threads whatever the other processes do (else the steps follow the idle cores);
+- ``one-core-left`` (the widget's fallback elsewhere): the worker's own thread, torch on all cores but one.
+
+``--load N`` runs N busy processes at normal priority beside napari (a user's other work: a build, a
+training run); ``--limit-s`` cancels a round that has not finished by then (its row says how far it got).
 
     xvfb-run -a -s "-screen 0 1400x900x24" .venv/bin/python benchmarks/widget_round.py
-        [--repeats 2] [--scroll-ms 0 500] [--steps 60]
+        [--repeats 2] [--scroll-ms 0 500] [--steps 60] [--modes "nice 10" one-core-left] [--load 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +32,31 @@ import numpy as np
 CASE = "patient028_frame01"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "acdc"
 PLUGIN = "napari-consistent-seg"
-MODES = ("low-priority", "one-core-left")
+MODES = ("nice 10", "one-core-left")
+
+
+def _mode(name: str):
+    """The `_at_low_priority` stand-in for a mode, with `_workers`' settings for it."""
+    from napari_consistent_seg._napari import _workers
+    from napari_consistent_seg.inference import THREADS_ENV
+
+    if name == "one-core-left":
+        return lambda task: (_workers._leaving_a_core_to_the_gui(task), lambda: None)
+    words = [w.strip() for w in name.split(",")]
+    niceness = next((int(w.split()[1]) for w in words if w.startswith("nice ")), 0)
+    threads = next((w.split()[0] for w in words if w.endswith(" threads")), "")
+
+    def wrap(task, original=_workers._at_low_priority, choose=_workers._niceness):
+        _workers.NICENESS = niceness  # read when the thread starts
+        _workers._niceness = (lambda: niceness) if "always" in words else choose
+        os.environ[THREADS_ENV] = threads  # read at each step: "" lets the steps follow the idle cores
+        return original(task)
+    return wrap
+
+
+def _busy() -> None:
+    while True:
+        pass
 
 
 def _wait(app, seconds: float | None = None, until=None) -> None:
@@ -58,7 +87,15 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--scroll-ms", type=int, nargs="+", default=[0, 500], help="0: no scrolling")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--load", type=int, default=0, help="busy processes at normal priority beside napari")
+    parser.add_argument("--limit-s", type=float, help="cancel a round after this many seconds")
     args = parser.parse_args(argv)
+    import multiprocessing
+
+    hogs = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(args.load)]
+    for hog in hogs:
+        hog.start()
 
     import napari
     from qtpy.QtCore import QTimer
@@ -91,34 +128,53 @@ def main(argv=None) -> None:
         viewer.dims.set_current_step(0, (viewer.dims.current_step[0] + 1) % image.data.shape[0])
 
     scroller.timeout.connect(scroll)
-    wrap = {"low-priority": _workers._at_low_priority,
-            "one-core-left": lambda task: (_workers._leaving_a_core_to_the_gui(task), lambda: None)}
+    from napari_consistent_seg.inference import THREADS_ENV
+
+    original = _workers._at_low_priority
+    settings = (_workers.NICENESS, _workers._niceness, os.environ.get(THREADS_ENV))
+    wrap = {mode: _mode(mode) for mode in args.modes}
     from speed import machine  # benchmarks/speed.py: the CPU's name, torch's threads, the load
 
     from napari_consistent_seg.inference import cpu_has_native_bf16
 
     print(f"{machine()}; forward passes in {'bf16' if cpu_has_native_bf16() else 'float32'}; {CASE}, "
-          f"{args.steps} steps")
+          f"{args.steps} steps; {args.load} busy processes beside napari")
     print("| scrolling | torch off the main thread | round (s) | its steps (s) | heartbeat gap median / p99 / max (ms), napari's layer work left out | gaps > 100 ms |")
     print("|---|---|---|---|---|---|")
     for scroll_ms in args.scroll_ms:
         for _ in range(args.repeats):
-            for mode in MODES:
+            for mode in args.modes:
                 _workers._at_low_priority = wrap[mode]  # TaskRunner.start looks it up when it starts
                 with heartbeat.measure():
                     if scroll_ms:
                         scroller.start(scroll_ms)
                     started = time.perf_counter()
                     assert widget.run()
-                    _wait(app, until=lambda: not widget.runner.running)
+                    _wait(app, until=lambda: not widget.runner.running or (
+                        args.limit_s and time.perf_counter() - started > args.limit_s))
+                    bar = widget.runner.progress_bar
+                    steps_done = round(args.steps * bar.value() / max(bar.maximum(), 1))
+                    if widget.runner.running:
+                        widget.runner.cancel()
+                        _wait(app, until=lambda: not widget.runner.running)
                     seconds = time.perf_counter() - started
                     scroller.stop()
-                steps_s = widget.tuner.elapsed_s
-                widget.revert()
+                if widget.runner.cancel_requested:
+                    round_s, steps_s = f"cancelled at {seconds:.0f}", f"{steps_done} of {args.steps} done"
+                else:
+                    round_s, steps_s = f"{seconds:.1f}", f"{widget.tuner.elapsed_s:.1f}"
+                    widget.revert()
                 s = _gap_stats(heartbeat.working_gaps())
-                print(f"| {f'every {scroll_ms} ms' if scroll_ms else 'none'} | {mode} | {seconds:.1f} | {steps_s:.1f} | "
+                print(f"| {f'every {scroll_ms} ms' if scroll_ms else 'none'} | {mode} | {round_s} | {steps_s} | "
                       f"{s['median']:.0f} / {s['p99']:.0f} / {s['max']:.0f} | {s['over 100 ms']} |", flush=True)
-    _workers._at_low_priority = wrap["low-priority"]
+    _workers._at_low_priority = original
+    _workers.NICENESS, _workers._niceness, threads = settings
+    if threads is None:
+        os.environ.pop(THREADS_ENV, None)
+    else:
+        os.environ[THREADS_ENV] = threads
+    for hog in hogs:
+        hog.terminate()
     viewer.close()
 
 

@@ -110,6 +110,23 @@ def test_rounds_stop_on_cancel_and_on_the_time_budget(tiny_model_path):
     assert tuner.steps_done == 1
 
 
+def test_steps_run_on_the_idle_cores_and_restore_torchs_threads(tiny_model_path, monkeypatch):
+    """Beside a busy process a step runs on the cores left idle (`inference_threads`), as inference does."""
+    from napari_consistent_seg import inference
+
+    image, truth = scan()
+    tuner = Finetuner(load_model(tiny_model_path), image, truth, steps=2, batch_size=2)
+    before, seen = torch.get_num_threads(), []
+    monkeypatch.setattr(inference, "inference_threads", lambda: 1)
+    monkeypatch.setattr(tuner, "_step", lambda: seen.append(torch.get_num_threads()) or {})
+    torch.set_num_threads(2)
+    try:
+        tuner.step()
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_icl_finetuner_keeps_the_old_whole_slice_behaviour(tiny_model_path):
     model = load_model(tiny_model_path)
     image, truth = scan()

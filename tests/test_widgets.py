@@ -272,11 +272,13 @@ def test_evaluate_mismatched_shapes_say_so(qtbot, messages):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice level is Linux's")
-def test_tasks_run_on_a_lower_priority_thread_with_torch_on_every_core():
+def test_tasks_run_on_a_lower_priority_thread_with_torch_on_every_core(monkeypatch):
     """What the widgets run goes to a fresh thread at nice +10 (torch's OpenMP team inherits it), with
     replies, the return value, errors and an abandoned task's clean-up as if it ran in the caller."""
+    from napari_consistent_seg import inference
     from napari_consistent_seg._napari import _workers
 
+    monkeypatch.setattr(inference, "_busy_cores", lambda: 0.0)  # a core to spare (the next test: none)
     caller, seen, others = threading.get_native_id(), {}, set(threading.enumerate())
 
     def task(progress, cancel):
@@ -317,3 +319,23 @@ def test_tasks_run_on_a_lower_priority_thread_with_torch_on_every_core():
     while ours() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not ours()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice level is Linux's")
+def test_tasks_keep_normal_priority_when_other_processes_fill_every_core(monkeypatch):
+    """At nice +10 beside a process on every core a round would get a tenth of its share: it starts at
+    normal priority then, and at nice +10 whenever a core is left."""
+    from napari_consistent_seg import inference
+    from napari_consistent_seg._napari import _workers
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(inference, "_busy_cores", lambda: float(cores))
+    assert _workers._niceness() == 0
+    def nice(*_args):
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    run, finish = _workers._at_low_priority(nice)
+    assert run(None, None) == nice()
+    finish()
+    monkeypatch.setattr(inference, "_busy_cores", lambda: cores - 1.0)
+    assert _workers._niceness() == _workers.NICENESS

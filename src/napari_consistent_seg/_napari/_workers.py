@@ -212,6 +212,8 @@ def _at_low_priority(task: Callable) -> tuple[Callable, Callable[[], None]]:
     its own and the threads it starts inherit it, so the task runs on a new thread that lowers its
     priority first; torch's OpenMP team, started by that thread, is lowered with it. Idle, the task
     gets both cores of a 2-core laptop; when napari draws, the kernel gives napari the core it needs.
+    When other processes keep every core busy as the task starts, it stays at normal priority
+    (`_niceness`), and the fine-tune's steps run on the cores left idle (`Finetuner.step`).
     Elsewhere (no per-thread nice) torch runs on all cores but one (`_one_core_left`).
     docs/gui-responsiveness.md has the measurements.
 
@@ -265,10 +267,30 @@ def _lower_this_thread(threads: int) -> None:
     import torch
 
     try:
-        os.nice(NICENESS)  # Linux: this thread only
+        niceness = _niceness()
+        if niceness:
+            os.nice(niceness)  # Linux: this thread only
     except OSError as error:  # a sandbox may refuse: run at the caller's priority
         log.warning("could not lower the priority of the torch thread: %s", error)
     torch.set_num_threads(threads)  # a new thread takes torch's last count, which inference may have lowered
+
+
+def _niceness() -> int:
+    """`NICENESS`, or 0 when other processes keep every core busy as the task starts.
+
+    A thread at nice +10 gets a tenth of a core against each normal-priority process: beside a
+    build or a training run on every core the round would crawl (a default round had done 22 of its
+    60 steps after 4 minutes), while at normal priority, on its fair share, it took 2 minutes.
+    With a core to spare the lower priority costs the round nothing and keeps napari smooth.
+    (A thread cannot raise its priority again, so the choice is made once, when the task starts.)
+    """
+    from ..inference import _busy_cores
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return NICENESS
+    return 0 if _busy_cores() >= cores else NICENESS
 
 
 @contextlib.contextmanager

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConsistentSegError, InvalidInputError, ShapeMismatchError
-from ..inference import (apply_corrections, argmax_labels, check_cancel, inference_precision, model_view, pick_device,
-                         prepare_input)
+from ..inference import (_cpu_threads, apply_corrections, argmax_labels, check_cancel, inference_precision,
+                         model_view, pick_device, prepare_input)
 from ..io.volume import Volume
 from ..models.card import finetune_option_problem
 from ..models.modules import EAMModule, ICLModules
@@ -254,7 +254,15 @@ class Finetuner:
         self.precision = "bfloat16" if inference_precision(self.device) == "bfloat16" else "float32"
 
     def step(self) -> dict:
-        """One optimiser step. Returns {"loss", "seg", ...} as floats (the terms in use)."""
+        """One optimiser step. Returns {"loss", "seg", ...} as floats (the terms in use).
+
+        On the CPU it runs on the cores other processes leave idle (`inference_threads`, read again
+        every 2 s): torch's threads wait for each other after every operation, so on a 2-core laptop
+        beside one busy process a step on 2 threads takes several times one on 1 (docs/training.md)."""
+        with _cpu_threads(self.device):
+            return self._step()
+
+    def _step(self) -> dict:
         start = time.monotonic()
         bb = self.trained.backbone
         bb.train()

@@ -89,6 +89,8 @@ METHODS = {
     "stroke-blend": {"steps": DEFAULTS["steps"], "average_last": 0.5, "blend": 0.5, "stroke_blend": 0.25},
     # the default with the other slices' patches at 2/3 of the edge (128 x 128 for the shipped models)
     "other-patches-small": {"steps": DEFAULTS["steps"], "other_patch_scale": 0.667},
+    # the same, scored with the start's heart slices kept by the cardiac clean-up (this branch's rule)
+    "small+start-slices": {"steps": DEFAULTS["steps"], "other_patch_scale": 0.667},
 }
 
 

@@ -89,6 +89,11 @@ METHODS = {
     "stroke-blend": {"steps": DEFAULTS["steps"], "average_last": 0.5, "blend": 0.5, "stroke_blend": 0.25},
     # the default with the other slices' patches at 2/3 of the edge (128 x 128 for the shipped models)
     "other-patches-small": {"steps": DEFAULTS["steps"], "other_patch_scale": 0.667},
+    # the same, scored with the start's heart slices kept by the cardiac clean-up (the rule on main
+    # since 2026-12-02; with the cardiac card's other_patch_scale 0.667 it is the default on the heart)
+    "small+start-slices": {"steps": DEFAULTS["steps"], "other_patch_scale": 0.667},
+    # the other slices' patches at the card's full edge: the cardiac default until 2026-12-02
+    "full-other-patches": {"steps": DEFAULTS["steps"], "other_patch_scale": 1.0},
 }
 
 
@@ -162,7 +167,16 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   patch edge (`other_patch_scale`, 128 x 128 for both shipped models; the corrections' 4 stay 192 x
   192): all 155 rounds of the five paintings but erase, on 2026-12-01 late evening, the same Zen 3
   in float32, two processes of one torch thread (so the same starts as `tail-average`). Not
-  adopted (docs/training.md).
+  adopted for the abdomen (docs/training.md).
+- **small+start-slices**: `other-patches-small` scored with the cardiac clean-up keeping the slices
+  the user left alone where the start has LV (`inference.post_process` with the start): the 120
+  cardiac rounds of the five paintings but erase, 2026-12-01 late evening, the same Zen 3, two
+  processes of one thread; equal to `other-patches-small` on all 120 from seed 0. **The cardiac
+  model's default since 2026-12-02** (its card: `other_patch_scale` 0.667); its seed rows (1-4) and
+  the `default, seed N` rows of 2026-12-02 are the old default (`full-other-patches`).
+- **full-other-patches**: the other slices' patches at the card's full edge (`other_patch_scale` 1):
+  the cardiac default until 2026-12-02 (its rows are `tail-average`, `stroke-blend` and
+  `tail-average, blend 0.25`).
 - **METHOD, seed N**: the same round trained from seed N instead of 0 (`--seed N`: other patch
   draws and augmentation, the same painting and start): how much of a round's figure is chance.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only

@@ -339,6 +339,21 @@ def test_corrections_win_and_keep_their_lv_slices_through_the_cardiac_clean_up(m
     corrected[known] = 0
     kept = post_process(cardiac, labels, None, spacing, corrections=(corrected, known))
     assert (kept[0] == 3).sum() == (labels[0] == 3).sum()  # the user saw heart there: kept
+    # a fine-tune's Accept passes the start too: a slice the user left alone keeps the start's LV slices
+    elsewhere = np.zeros(labels.shape, bool)
+    elsewhere[3, 30:34, 30:34] = True  # the user corrected slice 3 only
+    fixes = np.where(elsewhere, labels, 0)
+    assert not (post_process(cardiac, labels, None, spacing, corrections=(fixes, elsewhere))[0] == 3).any()
+    kept = post_process(cardiac, labels, None, spacing, corrections=(fixes, elsewhere, labels))
+    assert (kept[0] == 3).sum() == (labels[0] == 3).sum()  # the start had LV there: the fine-tune keeps it
+    no_lv = labels.copy()
+    no_lv[0] = 0
+    assert not (post_process(cardiac, labels, None, spacing, corrections=(fixes, elsewhere, no_lv))[0] == 3).any()
+    erased = elsewhere.copy()
+    erased[0] = labels[0] == 3  # the user erased the start's slice-0 cavity: their word wins
+    fixes = np.where(erased, labels, 0)
+    fixes[0] = 0
+    assert not (post_process(cardiac, labels, None, spacing, corrections=(fixes, erased, labels))[0] == 3).any()
 
     data = _volume((5, 40, 40))
     volume = Volume(data, Geometry.from_spacing((4.0, 1.5, 1.5), data.shape), name="scan", modality="MR")

@@ -627,9 +627,13 @@ def post_process(model: Model, labels: np.ndarray, keep_largest: bool | None = N
     each class's largest component when ``keep_largest_component`` says so. ``keep_largest``:
     None = as the card says; False = none; True = the card's clean-up, else the largest component.
     ``spacing_mm``: (z, y, x) of ``labels``, or None when the scan does not know it.
-    ``corrections``: the user's (labels, known) on the same grid; the cardiac clean-up keeps the
-    slices the user corrected and left LV on (`clean_cardiac_labels`' ``keep_slices``): a slice
-    where the user trimmed the cavity's edge is a slice they saw as heart.
+    ``corrections``: the user's (labels, known[, start]) on the same grid; the cardiac clean-up
+    keeps the slices the user corrected and left LV on (`clean_cardiac_labels`' ``keep_slices``): a
+    slice where the user trimmed the cavity's edge is a slice they saw as heart. With ``start`` (a
+    fine-tune's result: the starting model's labels) it also keeps the slices the user left alone
+    where the start has LV: a fine-tune does not shorten the heart the user accepted (one that
+    learned a solid, cavity-less myocardium on the mid slices had the start's basal slices cut as
+    atrium: acdc patient030 ES, docs/training.md).
     ``in_place``: the largest components may be kept in ``labels`` itself (an array of the caller's
     own, such as `infer`'s labels), which saves a copy of the volume.
     """
@@ -641,10 +645,17 @@ def post_process(model: Model, labels: np.ndarray, keep_largest: bool | None = N
         classes = CardiacLabels.from_classes(model.classes)
         keep = ()
         if corrections is not None:
-            painted, known = (np.asarray(a) for a in corrections)
-            lv = np.isin(painted, [v for v in (classes.lv, classes.myo) if v is not None])
+            painted, known, *start = (np.asarray(a) for a in corrections)
+            lv_values = [v for v in (classes.lv, classes.myo) if v is not None]
+
+            def slices_with_lv(labels_):
+                return np.isin(labels_, lv_values).reshape(len(labels_), -1).any(1)
+
             touched = known.reshape(len(known), -1).any(1)
-            keep = np.flatnonzero(touched & lv.reshape(len(lv), -1).any(1))
+            kept = touched & slices_with_lv(painted)
+            if start:
+                kept |= ~touched & slices_with_lv(start[0])
+            keep = np.flatnonzero(kept)
         return clean_cardiac_labels(labels, spacing_mm, classes=classes, keep_slices=keep)
     if not _keeps_largest_components(model, keep_largest):
         return labels
@@ -786,7 +797,7 @@ def segment(
         inferred = infer(model, prepared, device=device, batch_size=batch_size,
                          return_probabilities=return_probabilities, region=uses_region(model, keep_largest),
                          progress=phase_progress, cancel=cancel)
-        in_view = None if fixes is None else [prepared.source.transfer(a, prepared.view) for a in fixes[:2]]
+        in_view = None if fixes is None else [prepared.source.transfer(a, prepared.view) for a in fixes]
         result = restore(prepared, post_process(model, inferred.labels, keep_largest, _known_spacing(prepared), in_view,
                                                 in_place=True))
         if fixes is not None:
@@ -959,8 +970,7 @@ def predict_volume(
                      region=slices is None and uses_region(model, keep_largest), progress=progress, cancel=cancel)
     labels, probs = inferred.labels, inferred.probabilities
     if slices is None:
-        labels = post_process(model, labels, keep_largest, prepared.spacing_mm,
-                              None if corrections is None else corrections[:2], in_place=True)
+        labels = post_process(model, labels, keep_largest, prepared.spacing_mm, corrections, in_place=True)
         if corrections is not None:
             labels = apply_corrections(labels, *corrections)
     if single:

@@ -257,8 +257,9 @@ class Finetuner:
         """One optimiser step. Returns {"loss", "seg", ...} as floats (the terms in use).
 
         On the CPU it runs on the cores other processes leave idle (`inference_threads`, read again
-        every 2 s): torch's threads wait for each other after every operation, so on a 2-core laptop
-        beside one busy process a step on 2 threads takes several times one on 1 (docs/training.md)."""
+        every 2 s): torch's threads wait for each other after every operation, so one the kernel parks
+        stalls the rest; beside two busy processes on a 2-core CPU a round took 200 s on 2 threads and
+        112 s on 1 (docs/training.md, *Beside other work*)."""
         with _cpu_threads(self.device):
             return self._step()
 

@@ -106,11 +106,20 @@ def inference_threads() -> int:
             raise ConsistentSegError(f"{THREADS_ENV}={fixed!r} is not a whole number of threads: "
                                      "set it to e.g. 2, or unset it") from None
     threads = torch.get_num_threads()
+    idle = idle_cores()
+    if idle is None:  # not Linux: trust torch
+        return threads
+    return max(1, min(threads, math.ceil(idle)))
+
+
+def idle_cores() -> float | None:
+    """The cores this process may run on less the tasks other processes run or queue now
+    (`_busy_cores`); None where the cores cannot be read (not Linux)."""
     try:
         cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux: trust torch
-        return threads
-    return max(1, min(threads, math.ceil(cores - _busy_cores())))
+    except (AttributeError, OSError):
+        return None
+    return cores - _busy_cores()
 
 
 LOADAVG = "/proc/loadavg"

@@ -284,13 +284,10 @@ def _niceness() -> int:
     With a core to spare the lower priority costs the round nothing and keeps napari smooth.
     (A thread cannot raise its priority again, so the choice is made once, when the task starts.)
     """
-    from ..inference import _busy_cores
+    from ..inference import idle_cores
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return NICENESS
-    return 0 if _busy_cores() >= cores else NICENESS
+    idle = idle_cores()
+    return 0 if idle is not None and idle <= 0 else NICENESS
 
 
 @contextlib.contextmanager

@@ -94,6 +94,10 @@ METHODS = {
     "small+start-slices": {"steps": DEFAULTS["steps"], "other_patch_scale": 0.667},
     # the other slices' patches at the card's full edge: the cardiac default until 2026-12-02
     "full-other-patches": {"steps": DEFAULTS["steps"], "other_patch_scale": 1.0},
+    # each model's recipe once the anchor held only the slices' unknown voxels (not the padding that
+    # augmentation brings in) and the teacher skipped the patches without one (the code since the
+    # night of 2026-12-02; the rows of the methods above ran before it)
+    "slice-anchor": {"steps": DEFAULTS["steps"]},
 }
 
 

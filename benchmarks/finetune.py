@@ -94,6 +94,10 @@ METHODS = {
     "small+start-slices": {"steps": DEFAULTS["steps"], "other_patch_scale": 0.667},
     # the other slices' patches at the card's full edge: the cardiac default until 2026-12-02
     "full-other-patches": {"steps": DEFAULTS["steps"], "other_patch_scale": 1.0},
+    # each model's recipe once the anchor held only the slices' unknown voxels (not the padding that
+    # augmentation brings in) and the teacher skipped the patches without one (the code since the
+    # night of 2026-12-02; the rows of the methods above ran before it)
+    "slice-anchor": {"steps": DEFAULTS["steps"]},
 }
 
 
@@ -177,6 +181,13 @@ one 3D score per case) on the voxels that were **not** painted, before and after
 - **full-other-patches**: the other slices' patches at the card's full edge (`other_patch_scale` 1):
   the cardiac default until 2026-12-02 (its rows are `tail-average`, `stroke-blend` and
   `tail-average, blend 0.25`).
+- **slice-anchor**: each model's recipe on the code since the night of 2026-12-02: the anchor holds
+  the unknown voxels of the slices only, not the corners that rotation and zoom pad into a patch
+  (before, those were anchored too, so the teacher ran on every patch around whole painted
+  slices for them); the teacher now runs only on patches with an unknown voxel. All 155 rounds of
+  the five paintings but erase, the same Zen 3 in float32, two processes of one torch thread (the
+  same starts as the rows above). **The default since then**: the cardiac rows replace
+  `small+start-slices`, the abdomen rows `tail-average` / `stroke-blend` / `tail-average, blend 0.25`.
 - **METHOD, seed N**: the same round trained from seed N instead of 0 (`--seed N`: other patch
   draws and augmentation, the same painting and start): how much of a round's figure is chance.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only

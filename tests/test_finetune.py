@@ -376,6 +376,37 @@ def test_other_patch_scale_draws_smaller_patches_from_the_other_slices(tiny_mode
             Finetuner(model, image, truth, other_patch_scale=bad, batch_size=2)
 
 
+def test_the_anchor_holds_the_slices_unknown_voxels_only(tiny_model_path, monkeypatch):
+    """The anchor holds the voxels of the slices that nobody labeled, not the padding that rotation
+    and zoom bring in at a patch's corners: around whole painted slices it has nothing to hold, and
+    the teacher runs on the other slices' patches alone; around strokes, on both batches."""
+    from napari_consistent_seg.training import finetune as module
+    from napari_consistent_seg.training.augment import Augmentation
+
+    model = load_model(tiny_model_path)
+    image, truth = scan()
+    painted = np.zeros_like(truth)
+    painted[[1, 3]] = truth[[1, 3]]
+    stroke = np.zeros(truth.shape, bool)
+    stroke[1, 10:20, 10:20] = True
+    held = []
+    monkeypatch.setattr(module, "anchor_loss", lambda s, t, where, groups: held.append(int(where.sum())) or s.sum() * 0)
+    for known, teacher_batch in ((None, 2), (stroke, 4)):  # the tiny model's patches are whole slices: one pass
+        tuner = Finetuner(model, image, painted, known, anchor=1.0, other_patches=2, batch_size=2)
+        tuner.augment = Augmentation(rotate_deg=30, scale=(0.8, 0.9), probability=1.0)  # padding in every patch
+        seen = []
+        forward = tuner.teacher.forward
+        tuner.teacher.forward = lambda x: seen.append(len(x)) or forward(x)
+        held.clear()
+        tuner.step()
+        assert seen == [teacher_batch]
+        other_voxels = 2 * image.shape[1] * image.shape[2]
+        if known is None:  # the other slices' patches less their padding
+            assert 0.4 * other_voxels < held[0] < other_voxels
+        else:  # and the strokes' slice but the stroke
+            assert held[0] > other_voxels
+
+
 def test_corrections_on_a_scan_in_another_plane_come_back_on_its_grid(tiny_model_path):
     """segment(..., corrections=) on a coronal scan with an axial-plane model: the corrections are
     viewed in the model's plane for the post-processing and win on the scan's own grid."""

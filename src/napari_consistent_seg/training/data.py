@@ -140,17 +140,18 @@ class SliceStream:
 
     ``slice_mask`` restricts which slices of each volume may be drawn (e.g. only painted slices
     for fine-tuning). With probability ``foreground_fraction`` a labeled patch is centred on a
-    random foreground pixel, so that small organs are seen often enough.
+    random foreground pixel (label ``foreground_from`` or above), so that small organs are seen
+    often enough.
     """
 
     def __init__(self, images: list[np.ndarray], labels: list[np.ndarray | None], patch_size,
                  *, slice_masks: list[np.ndarray] | None = None, foreground_fraction: float = 0.5,
-                 seed: int = 0):
+                 foreground_from: int = 1, seed: int = 0):
         if not images:
             raise ConsistentSegError("no volumes to sample slices from")
         self.images, self.labels = images, labels
         self.patch = tuple(int(p) for p in patch_size)
-        self.fg = foreground_fraction
+        self.fg, self.fg_from = foreground_fraction, foreground_from
         self.rng = np.random.default_rng(seed)
         self.index = []
         for v, img in enumerate(images):
@@ -169,8 +170,8 @@ class SliceStream:
     def _crop_origin(self, shape, labels2d) -> tuple[int, int]:
         ph, pw = self.patch
         h, w = shape
-        if labels2d is not None and self.rng.random() < self.fg:
-            fg = np.argwhere(labels2d > 0)
+        if labels2d is not None and self.fg > 0 and self.rng.random() < self.fg:
+            fg = np.argwhere(labels2d >= self.fg_from)
             if len(fg):
                 cy, cx = fg[self.rng.integers(len(fg))]
                 return (int(np.clip(cy - ph // 2, 0, max(h - ph, 0))), int(np.clip(cx - pw // 2, 0, max(w - pw, 0))))

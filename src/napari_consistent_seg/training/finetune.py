@@ -35,6 +35,11 @@ DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anc
             "other_patch_scale": 1.0, "average_last": 0.5}
 
 
+#: How the corrections' patches mark their voxels (uint8): beyond the slice (what augmentation and
+#: zero padding bring in), unknown, and label + KNOWN where the user labeled them.
+OUTSIDE, UNKNOWN, KNOWN = 0, 1, 2
+
+
 def recipe(model) -> dict:
     """The fine-tuning recipe of ``model`` (a Model or its ModelCard): DEFAULTS, with what the
     card's ``finetune`` sets. The shipped cardiac model anchors foreground and background alike
@@ -226,19 +231,22 @@ class Finetuner:
         self._average: list[torch.Tensor] | None = None
         prepared = prepare_input(self.trained, image, spacing_mm, modality)
         self.warnings = prepared.warnings
-        # label + 1 where known, 0 where not: nearest resampling, augmentation and zero padding
-        # then keep "unknown" apart from "known background"
-        encoded = np.where(known, labels.astype(np.int64) + 1, 0).astype(np.uint8)
+        # label + 2 where known, 1 where not (UNKNOWN), and 0 (OUTSIDE) is what augmentation and zero
+        # padding bring in beyond the slice: neither trained nor anchored there (nearest resampling)
+        encoded = np.where(known, labels.astype(np.int64) + KNOWN, UNKNOWN).astype(np.uint8)
         data, encoded = resample_inplane(prepared.data, encoded, prepared.spacing_mm or (1, 1, 1),
                                          self.trained.card.target_spacing_mm if prepared.spacing_mm else None)
         patch = [min(p, n) for p, n in zip(self.trained.card.patch_size, data.shape[1:])]
         is_labeled = np.zeros(data.shape[0], bool)
         is_labeled[labeled] = True
-        self.labeled = SliceStream([data], [encoded], patch, slice_masks=[is_labeled], seed=seed)
+        self.labeled = SliceStream([data], [encoded], patch, slice_masks=[is_labeled], foreground_from=KNOWN,
+                                   seed=seed)
         unlabeled_mask = ~is_labeled if (~is_labeled).any() else is_labeled
         other_patch = [min(round(p * other_patch_scale), n)
                        for p, n in zip(self.trained.card.patch_size, data.shape[1:])]
-        self.unlabeled = SliceStream([data], [None], other_patch, slice_masks=[unlabeled_mask], seed=seed + 1)
+        inside = np.full(data.shape, UNKNOWN, np.uint8)
+        self.unlabeled = SliceStream([data], [inside], other_patch, slice_masks=[unlabeled_mask],
+                                     foreground_fraction=0, seed=seed + 1)
         self.batch_size, self.other_patches, self.other_patch_scale = batch_size, int(other_patches), other_patch_scale
         self.confidence_threshold = confidence_threshold
         self.weights = {"aux": 1.0, "pse": 1.0, "cons": 50.0,
@@ -270,13 +278,13 @@ class Finetuner:
         images, encoded = self.labeled.sample(self.batch_size)
         images, encoded = self.augment(images, encoded, self.generator)
         images, encoded = images.to(self.device), encoded.to(self.device)
-        known, target = encoded > 0, (encoded - 1).clamp_min(0)
         need_unlabeled = self.method == "icl" or self.anchor > 0
-        unlabeled = None
+        unlabeled = inside_u = None
         if need_unlabeled:
-            unlabeled, _ = self.unlabeled.sample(self.other_patches)
-            unlabeled = self.augment(unlabeled, None, self.generator)[0].to(self.device)
-        total, terms = self._losses(bb, images, known, target, unlabeled)
+            unlabeled, inside_u = self.unlabeled.sample(self.other_patches)
+            unlabeled, inside_u = self.augment(unlabeled, inside_u, self.generator)
+            unlabeled, inside_u = unlabeled.to(self.device), inside_u.to(self.device) == UNKNOWN
+        total, terms = self._losses(bb, images, encoded, unlabeled, inside_u)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
@@ -297,7 +305,10 @@ class Finetuner:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _losses(self, bb, images, known, target, unlabeled):
+    def _losses(self, bb, images, encoded, unlabeled, inside_u):
+        """The step's loss and its terms: ``encoded`` the corrections' patches (OUTSIDE, UNKNOWN, or
+        label + KNOWN), ``inside_u`` where the other slices' patches show the slice."""
+        known, target = encoded >= KNOWN, (encoded.long() - KNOWN).clamp_min(0)
         terms = {}
         if self.method == "icl":
             modules = self.trained.modules
@@ -321,11 +332,14 @@ class Finetuner:
         terms["seg"] = partial_seg_loss(logits_l, target, known)
         total = terms["seg"] + sum(self.weights[name] * terms[name] for name in ("aux", "pse", "cons") if name in terms)
         if self.anchor > 0:
+            # the anchored voxels: the unknown ones of the slices. The teacher runs only on the patches
+            # that have some: around whole painted slices, none (a fifth of a step on Zen 3)
+            unknown = encoded == UNKNOWN
+            rows = unknown.flatten(1).any(1)
             with torch.no_grad():
-                teacher_l, teacher_u = self._forward(self.teacher, images, unlabeled)
-            where = [~known, known.new_ones((len(unlabeled), *unlabeled.shape[2:]))]
-            terms["anchor"] = anchor_loss(_one_batch(logits_l, logits_u), _one_batch(teacher_l, teacher_u),
-                                          _one_batch(*where), self.anchor_groups)
+                teacher_l, teacher_u = self._forward(self.teacher, images[rows], unlabeled)
+            terms["anchor"] = anchor_loss(_one_batch(logits_l[rows], logits_u), _one_batch(teacher_l, teacher_u),
+                                          _one_batch(unknown[rows], inside_u), self.anchor_groups)
             total = total + self.anchor * terms["anchor"]
         return total, terms
 
@@ -335,6 +349,8 @@ class Finetuner:
         with self._mixed_precision():
             if unlabeled is None:
                 return net(images).float(), None
+            if not len(images):
+                return images.new_zeros((0, net.out_channels, *images.shape[2:])), net(unlabeled).float()
             if unlabeled.shape[2:] != images.shape[2:]:
                 return net(images).float(), net(unlabeled).float()
             both = net(torch.cat([images, unlabeled])).float()

@@ -98,6 +98,9 @@ METHODS = {
     # augmentation brings in) and the teacher skipped the patches without one (the code since the
     # night of 2026-12-02; the rows of the methods above ran before it)
     "slice-anchor": {"steps": DEFAULTS["steps"]},
+    # slice-anchor scored with the cardiac clean-up's end rules of branch lead/end-rules (cavity-less
+    # end slices kept, the walk to the base from half-way through the slices with a cavity)
+    "end-rules": {"steps": DEFAULTS["steps"]},
 }
 
 

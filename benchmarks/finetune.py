@@ -98,6 +98,10 @@ METHODS = {
     # augmentation brings in) and the teacher skipped the patches without one (the code since the
     # night of 2026-12-02; the rows of the methods above ran before it)
     "slice-anchor": {"steps": DEFAULTS["steps"]},
+    # slice-anchor with the cardiac clean-up's end rules (cavity-less end slices kept, the walk to the
+    # base from half-way through the slices with a cavity; on main since 2026-12-02, run on the heart's
+    # rounds only: the abdomen model has no cardiac clean-up, so its rounds are slice-anchor's)
+    "end-rules": {"steps": DEFAULTS["steps"]},
 }
 
 

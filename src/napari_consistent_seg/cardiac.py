@@ -264,8 +264,9 @@ def clean_cardiac_labels(
        heart below the apex or above the base, islands) are removed, and slices outside it lose
        their myocardium and LV cavity. End slices of the run whose LV cavity is less than
        ``min_ring_cover`` surrounded by myocardium (an atrium above the base, or a guess past the
-       apex) are dropped from the run. Walking from the middle of the run to its base (the end
-       of larger cavity), the run ends before the first slice whose cavity is more than
+       apex) are dropped from the run; myocardium without cavity stays (the apex at end-systole).
+       Walking to the base (the end of larger cavity) from half-way through the slices from the
+       first with a cavity, the run ends before the first slice whose cavity is more than
        ``max_base_growth`` times the widest one before it and whose whole LV (myocardium and
        cavity) is more than ``max_base_area_growth`` times the widest before it: the LV widens smoothly
        toward the base, an atrium the model takes for LV does not. (The cavity alone is no guide
@@ -375,8 +376,9 @@ def ring_cover(slice_labels: np.ndarray, lv_value: int = 3, myo_value: int | Non
 
 def _trim_open_ends(chain: dict[int, int], pieces, labels, classes: CardiacLabels, min_cover: float,
                     keep=frozenset()) -> dict:
-    """Drop end slices of the run (from either end, while more than two remain) whose cavity the
-    myocardium does not enclose; an end in ``keep`` stops the trimming from its side."""
+    """Drop end slices of the run (from either end, while more than two remain) with a cavity the
+    myocardium does not enclose; an end in ``keep`` stops the trimming from its side. A slice of
+    myocardium without cavity stays (the apex at end-systole)."""
     chain = dict(chain)
 
     def open_ring(z):
@@ -384,7 +386,7 @@ def _trim_open_ends(chain: dict[int, int], pieces, labels, classes: CardiacLabel
             return False
         piece = np.where(pieces[z][chain[z]][2], labels[z], 0)
         cover = ring_cover(piece, classes.lv, classes.myo)
-        return cover is None or cover < min_cover
+        return cover is not None and cover < min_cover  # no cavity: an apex at end-systole, kept
 
     while len(chain) > 2:
         ends = [z for z in (min(chain), max(chain)) if open_ring(z)]
@@ -406,7 +408,10 @@ def _cut_base_jump(chain: dict[int, int], pieces, labels, classes: CardiacLabels
     if cavity[0] > cavity[-1]:  # walk toward the base: reverse so that the base is last
         ordered, cavity, area = ordered[::-1], cavity[::-1], area[::-1]
     kept = [i for i, z in enumerate(ordered) if z in keep]
-    for i in range(max([len(ordered) // 2, *kept]) + 1, len(ordered)):
+    # from half-way through the slices with a cavity: a cavity-less apex and the small mid cavities of
+    # end-systole are no reference for the base
+    first = next((i for i, c in enumerate(cavity) if c > 0), 0)
+    for i in range(max([first + (len(ordered) - first) // 2, *kept]) + 1, len(ordered)):
         # against the widest so far: one slice the model under-segments is no reference
         if (cavity[i] > max_growth * max(max(cavity[:i]), 1)
                 and area[i] > max_area_growth * max(max(area[:i]), 1)):

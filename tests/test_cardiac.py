@@ -156,10 +156,10 @@ def test_clean_keeps_the_wide_basal_cavity_of_an_end_systolic_frame():
 
 
 def test_clean_keeps_a_cavity_less_apex_and_the_base_above_small_mid_cavities():
-    """End-systole with the apex solid myocardium (no cavity: acdc patient030 ES, where the model and
-    the reference see it so) and small mid cavities under a thinner LV: the apex stays, and the walk
-    to the base starts half-way through the slices with a cavity, so the base is not taken for an
-    atrium (counted from the apex, half-way is the first basal slice)."""
+    """End-systole with the apex solid myocardium (no cavity: the model's acdc patient030 ES, whose
+    reference keeps 11-85 cavity pixels there) and small mid cavities under a thinner LV: the apex
+    stays, and the walk to the base starts half-way through the slices with a cavity, so the base is
+    not taken for an atrium (counted from the apex, half-way is the first basal slice)."""
     shape, centre = (96, 96), (48, 52)
     labels = np.zeros((12, *shape), np.uint8)
     for z in range(12):

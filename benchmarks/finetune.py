@@ -102,6 +102,11 @@ METHODS = {
     # base from half-way through the slices with a cavity; on main since 2026-12-02, run on the heart's
     # rounds only: the abdomen model has no cardiac clean-up, so its rounds are slice-anchor's)
     "end-rules": {"steps": DEFAULTS["steps"]},
+    # ICL's unlabeled terms on each model's recipe of 2026-12-02 (anchor, shares, averaging, the
+    # other slices' patch size as the card sets them), confidence-masked at 0.95 as in training
+    "icl-now": {"method": "icl", "steps": DEFAULTS["steps"], "confidence_threshold": 0.95},
+    # the same in 40 steps: about the time of the supervised default's 60 on a CPU
+    "icl-now-40": {"method": "icl", "steps": 40, "confidence_threshold": 0.95},
 }
 
 

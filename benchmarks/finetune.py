@@ -197,6 +197,13 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   the five paintings but erase, the same Zen 3 in float32, two processes of one torch thread (the
   same starts as the rows above). **The default since then**: the cardiac rows replace
   `small+start-slices`, the abdomen rows `tail-average` / `stroke-blend` / `tail-average, blend 0.25`.
+- **end-rules**: `slice-anchor` with the cardiac clean-up's end rules (a cavity-less end slice kept,
+  the walk to the base from half-way through the slices with a cavity): the heart's 120 rounds
+  (the abdomen model has no cardiac clean-up: its rounds are `slice-anchor`'s). **The default on
+  the heart since 2026-12-02.**
+- **icl-now**, **icl-now-40**: ICL's unlabeled terms on each model's recipe of 2026-12-02,
+  confidence-masked at 0.95, in 60 and in 40 steps (40 take about the default's time): 50 rounds
+  of ten cardiac scans, a lead, not the default (docs/training.md).
 - **METHOD, seed N**: the same round trained from seed N instead of 0 (`--seed N`: other patch
   draws and augmentation, the same painting and start): how much of a round's figure is chance.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only

@@ -77,9 +77,11 @@ METHODS = {
     "classes-anchor-3": {**LAST, "anchor_groups": "classes", **_share(1.0)},
     "voxels+classes-anchor-3": {**LAST, "anchor_groups": "voxels+classes", **_share(1.0)},
     "anchor-1": {**LAST, "anchor": 1.0, **_share(1.0)},  # the default until the morning of 2026-11-30
-    "icl": {"method": "icl", "anchor": 0.0, "steps": 60, **_share(1.0), "average_last": 0.0},  # before issue 13
+    "icl": {"method": "icl", "anchor": 0.0, "steps": 60, **_share(1.0), "average_last": 0.0,
+            "confidence_threshold": 0.0},  # before issue 13
     "supervised": {"method": "supervised", "anchor": 0.0, "steps": 60, **_share(1.0), "average_last": 0.0},
-    "icl+anchor": {"method": "icl", "anchor": 1.0, "steps": 60, **_share(1.0), "average_last": 0.0},
+    "icl+anchor": {"method": "icl", "anchor": 1.0, "steps": 60, **_share(1.0), "average_last": 0.0,
+                   "confidence_threshold": 0.0},
     "icl+anchor+conf": {"method": "icl", "anchor": 1.0, "steps": 60, "confidence_threshold": 0.95, **_share(1.0),
                         "average_last": 0.0},
     "other-patches-2": {"steps": DEFAULTS["steps"], "other_patches": 2, **_share(0.5), "average_last": 0.0},
@@ -202,8 +204,9 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   (the abdomen model has no cardiac clean-up: its rounds are `slice-anchor`'s). **The default on
   the heart since 2026-12-02.**
 - **icl-now**, **icl-now-40**: ICL's unlabeled terms on each model's recipe of 2026-12-02,
-  confidence-masked at 0.95, in 60 and in 40 steps (40 take about the default's time): 50 rounds
-  of ten cardiac scans, a lead, not the default (docs/training.md).
+  confidence-masked at 0.95, in 60 and in 40 steps (40 take about the default's time): `icl-now`
+  on 50 rounds of ten cardiac scans, `icl-now-40` on all 155 (the 105 beyond those 50 the same
+  day, later); a lead, not the default (docs/training.md).
 - **METHOD, seed N**: the same round trained from seed N instead of 0 (`--seed N`: other patch
   draws and augmentation, the same painting and start): how much of a round's figure is chance.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only

@@ -161,6 +161,11 @@ def test_cli_finetune_writes_the_segmentation_and_a_loadable_model(tmp_path, tin
     tuned = load_model(out / "model")
     assert tuned.card.fine_tuning[-1]["steps"] == 2 and tuned.card.fine_tuning[-1]["known_voxels"] == 15
     assert "2 steps" in capsys.readouterr().out
+    assert tuned.card.fine_tuning[-1]["method"] == "supervised"  # the recipe's, as the widget's default
+    assert main(["finetune", str(image_path), str(painted_path), "--model", str(tiny_model_path), "--known",
+                 str(known_path), "--steps", "1", "--method", "icl", "-o", str(tmp_path / "icl")]) == 0
+    record = load_model(tmp_path / "icl" / "model").card.fine_tuning[-1]
+    assert record["method"] == "icl" and record["confidence_threshold"] == 0.95
     wrong = save_nifti(painted[:3], Geometry.from_spacing((4.0, 1.5, 1.5), (3, 48, 56)), tmp_path / "w.nii.gz")
     assert main(["finetune", str(image_path), str(wrong), "--model", str(tiny_model_path), "-o", str(out)]) == 2
     assert "grid" in capsys.readouterr().err
@@ -325,6 +330,25 @@ def test_blend_keeps_a_share_of_the_weight_change(tiny_model_path):
             Finetuner(model, image, truth, blend=bad, batch_size=2)
     with pytest.raises(ConsistentSegError, match="blend"):
         dataclasses.replace(model.card, finetune={"blend": 2.0})  # a card checks its recipe
+
+
+def test_icl_terms_are_confidence_masked_as_the_recipe_says(tiny_model_path):
+    """ICL's unlabeled terms count where the network is at least ``confidence_threshold`` sure:
+    0.95 unless the card or the caller says otherwise (0: everywhere, as the reference code and the
+    ICLFinetuner of the demo); [0, 1) only."""
+    model = load_model(tiny_model_path)
+    image, truth = scan()
+    tuner = Finetuner(model, image, truth, method="icl", batch_size=2)
+    assert tuner.confidence_threshold == 0.95 and set(tuner.step()) >= {"pse", "cons"}
+    assert Finetuner(model, image, truth, method="icl", confidence_threshold=0, batch_size=2).confidence_threshold == 0
+    assert ICLFinetuner(model, image, truth, batch_size=2).confidence_threshold == 0
+    model.card.finetune = {"confidence_threshold": 0.5}
+    assert Finetuner(model, image, truth, method="icl", batch_size=2).confidence_threshold == 0.5
+    for bad in (1.0, -0.1, "high"):
+        with pytest.raises(ConsistentSegError, match="confidence_threshold"):
+            Finetuner(model, image, truth, confidence_threshold=bad, batch_size=2)
+    with pytest.raises(ConsistentSegError, match="confidence_threshold"):
+        dataclasses.replace(model.card, finetune={"confidence_threshold": 1.5})
 
 
 def test_other_patches_sets_the_patches_drawn_from_the_other_slices(tiny_model_path):

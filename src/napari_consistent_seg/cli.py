@@ -161,7 +161,8 @@ def cmd_finetune(args) -> int:
         bar.refresh()
 
     tuner = finetune(model, image, labels.astype(np.int64), known_slices, steps=steps, seconds=args.seconds,
-                     spacing_mm=spacing, modality=volume.modality, device=args.device, progress=progress)
+                     spacing_mm=spacing, modality=volume.modality, device=args.device, progress=progress,
+                     method=args.method)
     bar.close()
     for warning in tuner.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -350,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--seconds", type=float,
                         help="as many steps as fit in this many seconds of training (no steps are planned, "
                              "so the last step's weights are kept rather than the mean of the last ones)")
+    p.add_argument("--method", choices=["supervised", "icl"], default=None,
+                   help="supervised: the corrections, anchored to the starting model elsewhere; icl: adds ICL's "
+                        "unlabeled terms (a step costs about 1.6 times; docs/training.md). Default: the model's recipe")
     p.add_argument("--output", "-o", required=True, help="folder for <image name>.nii.gz and model/")
     p.add_argument("--modality", choices=["CT", "MR"], help="override the modality read from the file")
     p.add_argument("--device", default=None)

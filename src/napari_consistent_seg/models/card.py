@@ -53,7 +53,8 @@ ANCHOR_GROUPS = ("voxels", "foreground", "classes", "voxels+classes")
 FINETUNE_METHODS = ("supervised", "icl")
 #: The fine-tuning recipe a card may set for its model (``finetune``), over training.finetune.DEFAULTS.
 FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str, "blend": float,
-                 "stroke_blend": float, "other_patches": int, "other_patch_scale": float, "average_last": float}
+                 "stroke_blend": float, "other_patches": int, "other_patch_scale": float, "average_last": float,
+                 "confidence_threshold": float}
 
 
 #: The fine-tuning options that are shares in (0, 1], and what each is a share of.
@@ -81,6 +82,8 @@ def finetune_option_problem(key: str, value) -> str | None:
         return f"must be one of {', '.join(ANCHOR_GROUPS)}"
     if key in _SHARES and not 0 < value <= 1:
         return f"({_SHARES[key]}) must be in (0, 1]"
+    if key == "confidence_threshold" and not value < 1:
+        return "(ICL's terms count where the network's top class probability reaches it; 0: everywhere) must be in [0, 1)"
     if key == "average_last" and not value < 1:
         return "(the share of the planned steps, at the end, whose weights are averaged) must be in [0, 1)"
     return None

@@ -32,7 +32,7 @@ from .data import SliceStream, resample_inplane
 #: card's ``finetune`` overrides it for its model (`recipe`).
 DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anchor_groups": "voxels",
             "blend": 0.5, "stroke_blend": 0.25, "other_patches": 4,
-            "other_patch_scale": 1.0, "average_last": 0.5}
+            "other_patch_scale": 1.0, "average_last": 0.5, "confidence_threshold": 0.95}
 
 
 #: How the corrections' patches mark their voxels (uint8): beyond the slice (what augmentation and
@@ -154,7 +154,8 @@ class Finetuner:
     loss; ``anchor`` weighs a KL term that keeps the prediction on unknown voxels near the
     starting model's (averaged as ``anchor_groups`` says). Options left None come from the
     model's :func:`recipe`. ``method``: "supervised" or "icl" (adds ICL's unlabeled terms on the slices
-    without a known voxel). ``blend`` in (0, 1]: the share of the weight change the steps made that
+    without a known voxel, counted where the network's top class probability reaches
+    ``confidence_threshold``; 0: everywhere, as the reference code). ``blend`` in (0, 1]: the share of the weight change the steps made that
     the result keeps (a weight-space ensemble of the starting and the trained network, as WiSE-FT)
     when every corrected slice is known whole; ``stroke_blend`` the share when the corrections are
     strokes (a slice known in part: brush dabs paint one label over their disk, right or wrong, so
@@ -173,14 +174,15 @@ class Finetuner:
                  lr: float | None = None, anchor: float | None = None, anchor_groups: str | None = None,
                  blend: float | None = None, stroke_blend: float | None = None, other_patches: int | None = None,
                  other_patch_scale: float | None = None, steps: int | None = None,
-                 average_last: float | None = None, batch_size: int = 4, confidence_threshold: float = 0.0,
-                 seed: int = 0):
+                 average_last: float | None = None, batch_size: int = 4,
+                 confidence_threshold: float | None = None, seed: int = 0):
         given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups, "blend": blend,
                  "stroke_blend": stroke_blend, "other_patches": other_patches,
-                 "other_patch_scale": other_patch_scale, "steps": steps, "average_last": average_last}
+                 "other_patch_scale": other_patch_scale, "steps": steps, "average_last": average_last,
+                 "confidence_threshold": confidence_threshold}
         chosen = {**recipe(model), **{k: v for k, v in given.items() if v is not None}}
         (method, lr, anchor, anchor_groups, blend, stroke_blend, other_patches, other_patch_scale, steps,
-         average_last) = (chosen[k] for k in given)
+         average_last, confidence_threshold) = (chosen[k] for k in given)
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
         for key in given:
@@ -248,7 +250,7 @@ class Finetuner:
         self.unlabeled = SliceStream([data], [inside], other_patch, slice_masks=[unlabeled_mask],
                                      foreground_fraction=0, seed=seed + 1)
         self.batch_size, self.other_patches, self.other_patch_scale = batch_size, int(other_patches), other_patch_scale
-        self.confidence_threshold = confidence_threshold
+        self.confidence_threshold = float(confidence_threshold)
         self.weights = {"aux": 1.0, "pse": 1.0, "cons": 50.0,
                         **self.trained.card.training_weights}
         params = list(self.trained.backbone.parameters())
@@ -387,6 +389,7 @@ class Finetuner:
         """The fine-tuned model with a card that records the fine-tune (a copy, safe to save)."""
         card = self.model.card.fine_tuned({  # a copy; its val scores are cleared (no longer measured)
             "method": self.method, "anchor": self.anchor, "anchor_groups": self.anchor_groups,
+            **({"confidence_threshold": self.confidence_threshold} if self.method == "icl" else {}),
             "blend": self.blend, "other_patches": self.other_patches, "other_patch_scale": self.other_patch_scale,
             "precision": self.precision,
             "average_last": self.average_last, "planned_steps": self.planned_steps,
@@ -452,4 +455,5 @@ class ICLFinetuner(Finetuner):
         kw.setdefault("blend", 1.0)
         kw.setdefault("stroke_blend", kw["blend"])
         kw.setdefault("average_last", 0.0)
+        kw.setdefault("confidence_threshold", 0.0)
         super().__init__(model, image, painted, known, **kw)

@@ -83,7 +83,8 @@ def finetune_option_problem(key: str, value) -> str | None:
     if key in _SHARES and not 0 < value <= 1:
         return f"({_SHARES[key]}) must be in (0, 1]"
     if key == "confidence_threshold" and not value < 1:
-        return "(ICL's terms count where the network's top class probability reaches it; 0: everywhere) must be in [0, 1)"
+        return ("(ICL's terms count where the network's top class probability reaches it; 0: everywhere) "
+                "must be in [0, 1)")
     if key == "average_last" and not value < 1:
         return "(the share of the planned steps, at the end, whose weights are averaged) must be in [0, 1)"
     return None

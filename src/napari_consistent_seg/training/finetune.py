@@ -155,12 +155,13 @@ class Finetuner:
     starting model's (averaged as ``anchor_groups`` says). Options left None come from the
     model's :func:`recipe`. ``method``: "supervised" or "icl" (adds ICL's unlabeled terms on the slices
     without a known voxel, counted where the network's top class probability reaches
-    ``confidence_threshold``; 0: everywhere, as the reference code). ``blend`` in (0, 1]: the share of the weight change the steps made that
-    the result keeps (a weight-space ensemble of the starting and the trained network, as WiSE-FT)
-    when every corrected slice is known whole; ``stroke_blend`` the share when the corrections are
-    strokes (a slice known in part: brush dabs paint one label over their disk, right or wrong, so
-    they are trusted less; docs/training.md). ``self.blend`` is the share in use. The steps train
-    ``self.trained`` and ``self.model`` is the blend, valid after every ``step()``.
+    ``confidence_threshold``; 0: everywhere, as the reference code). ``blend`` in (0, 1]: the share
+    of the weight change the steps made that the result keeps (a weight-space ensemble of the
+    starting and the trained network, as WiSE-FT) when every corrected slice is known whole;
+    ``stroke_blend`` the share when the corrections are strokes (a slice known in part: brush dabs
+    paint one label over their disk, right or wrong, so they are trusted less; docs/training.md).
+    ``self.blend`` is the share in use. The steps train ``self.trained`` and ``self.model`` is the
+    blend, valid after every ``step()``.
     Each step draws ``batch_size`` patches around the corrections and ``other_patches`` from the
     slices without corrections (for the anchor and ICL's unlabeled terms). ``average_last`` in
     [0, 1): the trained weights are averaged over that share of the ``steps`` planned, at the end

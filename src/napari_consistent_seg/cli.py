@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConsistentSegError
+from .models.card import FINETUNE_METHODS
 
 
 def _progress_bar(total: int, desc: str, unit: str = "it"):
@@ -351,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--seconds", type=float,
                         help="as many steps as fit in this many seconds of training (no steps are planned, "
                              "so the last step's weights are kept rather than the mean of the last ones)")
-    p.add_argument("--method", choices=["supervised", "icl"], default=None,
+    p.add_argument("--method", choices=FINETUNE_METHODS, default=None,
                    help="supervised: the corrections, anchored to the starting model elsewhere; icl: adds ICL's "
                         "unlabeled terms (a step costs about 1.6 times; docs/training.md). Default: the model's recipe")
     p.add_argument("--output", "-o", required=True, help="folder for <image name>.nii.gz and model/")

@@ -14,6 +14,7 @@ from qtpy.QtWidgets import QFormLayout, QLabel, QLineEdit, QWidget
 
 from ..errors import ConsistentSegError
 from ..inference import segment, segment_slice
+from ..models.card import FINETUNE_METHODS
 from ..models.store import load_model, read_card, save_user_model
 from ..training.finetune import DEFAULTS, Finetuner, merge_corrections, model_slices, recipe, whole_slice_known
 from ._widget_common import (
@@ -111,7 +112,7 @@ class FinetuneWidget(QWidget):
         self.inputs = ModelInputs(viewer)
         self.painted = LayerPicker(viewer, Labels)
         self.painted.setToolTip("The segmentation you corrected with brush and eraser (or a layer of painted slices)")
-        self.method = combo(["supervised", "icl"], "supervised: your corrections, anchored to the starting "
+        self.method = combo(FINETUNE_METHODS, "supervised: your corrections, anchored to the starting "
                             "model elsewhere (the default: in benchmarks/finetune.py, more than a point worse in "
                             "one round of 93 with dabs on three seeds, none of 124 with exact corrections); icl: "
                             "adds ICL's unlabeled terms (better on average, 40 steps take about the default's "

@@ -61,6 +61,10 @@ FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anc
 _SHARES = {"blend": "the share of the fine-tune's weight change kept",
            "stroke_blend": "the share of the fine-tune's weight change kept",
            "other_patch_scale": "the other slices' patch edge as a share of the card's patch size"}
+#: The fine-tuning options in [0, 1), and what each is.
+_BELOW_ONE = {"confidence_threshold": "ICL's terms count where the network's top class probability reaches it; "
+                                      "0: everywhere",
+              "average_last": "the share of the planned steps, at the end, whose weights are averaged"}
 
 
 def finetune_option_problem(key: str, value) -> str | None:
@@ -82,11 +86,8 @@ def finetune_option_problem(key: str, value) -> str | None:
         return f"must be one of {', '.join(ANCHOR_GROUPS)}"
     if key in _SHARES and not 0 < value <= 1:
         return f"({_SHARES[key]}) must be in (0, 1]"
-    if key == "confidence_threshold" and not value < 1:
-        return ("(ICL's terms count where the network's top class probability reaches it; 0: everywhere) "
-                "must be in [0, 1)")
-    if key == "average_last" and not value < 1:
-        return "(the share of the planned steps, at the end, whose weights are averaged) must be in [0, 1)"
+    if key in _BELOW_ONE and not value < 1:
+        return f"({_BELOW_ONE[key]}) must be in [0, 1)"
     return None
 
 

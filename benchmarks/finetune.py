@@ -67,7 +67,7 @@ def _share(b: float) -> dict:
     return {"blend": b, "stroke_blend": b}
 
 
-LAST = {**DEFAULTS, **_share(DEFAULTS["blend"]), "average_last": 0.0}
+LAST = {**DEFAULTS, **_share(DEFAULTS["blend"]), "average_last": 0.0, "slice_weight": 1.0}
 METHODS = {
     "default": {"steps": DEFAULTS["steps"]},
     "last-step": {"steps": DEFAULTS["steps"], **_share(0.5), "average_last": 0.0},  # the default until 2026-12-01
@@ -109,7 +109,17 @@ METHODS = {
     "icl-now": {"method": "icl", "steps": DEFAULTS["steps"], "confidence_threshold": 0.95},
     # the same in 40 steps: about the time of the supervised default's 60 on a CPU
     "icl-now-40": {"method": "icl", "steps": 40, "confidence_threshold": 0.95},
+    # end-rules with the supervised loss weighted 2 when the corrections are whole slices (strokes
+    # keep 1): the default since 2026-12-02 (recipe key slice_weight)
+    "slice-weight-2": {"steps": DEFAULTS["steps"], "slice_weight": 2.0},
+    # the same with weight 3 and 4 (probes of 2026-12-02, not adopted unless docs/training.md says so)
+    "slice-weight-3": {"steps": DEFAULTS["steps"], "slice_weight": 3.0},
+    "slice-weight-4": {"steps": DEFAULTS["steps"], "slice_weight": 4.0},
 }
+#: every method before slice-weight-2 ran with the supervised loss weighted 1
+for _name in list(METHODS)[:list(METHODS).index("slice-weight-2")]:
+    if _name != "default":
+        METHODS[_name].setdefault("slice_weight", 1.0)
 
 
 HEADER = """# Fine-tuning benchmark
@@ -207,6 +217,12 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   confidence-masked at 0.95, in 60 and in 40 steps (40 take about the default's time): `icl-now`
   on 50 rounds of ten cardiac scans, `icl-now-40` on all 155 (the 105 beyond those 50 the same
   day, later); a lead, not the default (docs/training.md).
+- **slice-weight-2**: `end-rules` (the abdomen: `slice-anchor`) with the supervised loss weighted 2
+  when the corrections are whole slices (`slice_weight`; strokes keep 1, so only the two
+  whole-slice paintings were run: 62 rounds, float32 forced by `CONSISTENT_SEG_PRECISION=float32`
+  on a 2-core Zen 5, which gives the Zen 3's starts and `end-rules` results to the hundredth; two
+  processes of one torch thread, 2026-12-02). **The default since then** on whole slices; on
+  strokes, organ and brush rounds the default is `end-rules` / `slice-anchor` as before.
 - **METHOD, seed N**: the same round trained from seed N instead of 0 (`--seed N`: other patch
   draws and augmentation, the same painting and start): how much of a round's figure is chance.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only

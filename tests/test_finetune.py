@@ -561,3 +561,27 @@ def test_strokes_keep_a_smaller_share_of_the_change_than_whole_slices(tiny_model
             Finetuner(model, image, truth, known, stroke_blend=bad, batch_size=2)
     with pytest.raises(ConsistentSegError, match="stroke_blend"):
         dataclasses.replace(model.card, finetune={"stroke_blend": 2.0})
+
+
+def test_whole_slices_weigh_the_supervised_loss_twice_strokes_once(tiny_model_path):
+    """``slice_weight``: whole known slices (trusted: no dab painting both sides of a boundary)
+    weigh the supervised loss 2 by default; strokes keep 1. The loss says so, the record too; a
+    card may set it; the old ICL fine-tuner keeps 1."""
+    model = load_model(tiny_model_path)
+    image, truth = scan()
+    whole = Finetuner(model, image, truth, batch_size=2)
+    assert whole.seg_weight == 2.0
+    terms = whole.step()
+    assert terms["loss"] == pytest.approx(2 * terms["seg"] + whole.anchor * terms["anchor"], rel=1e-5)
+    assert whole.finished_model().card.fine_tuning[-1]["seg_weight"] == 2.0
+    known = np.zeros(truth.shape, bool)
+    known[2, 10:20, 10:20] = True
+    assert Finetuner(model, image, truth, known, batch_size=2).seg_weight == 1.0
+    assert Finetuner(model, image, truth, slice_weight=3.0, batch_size=2).seg_weight == 3.0
+    assert ICLFinetuner(model, image, truth, batch_size=2).seg_weight == 1.0
+    model.card.finetune = {"slice_weight": 1.5}
+    assert Finetuner(model, image, truth, batch_size=2).seg_weight == 1.5
+    with pytest.raises(ConsistentSegError, match="slice_weight"):
+        Finetuner(model, image, truth, slice_weight=-1.0, batch_size=2)
+    with pytest.raises(ConsistentSegError, match="slice_weight"):
+        dataclasses.replace(model.card, finetune={"slice_weight": "two"})

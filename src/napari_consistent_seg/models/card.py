@@ -53,8 +53,8 @@ ANCHOR_GROUPS = ("voxels", "foreground", "classes", "voxels+classes")
 FINETUNE_METHODS = ("supervised", "icl")
 #: The fine-tuning recipe a card may set for its model (``finetune``), over training.finetune.DEFAULTS.
 FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str, "blend": float,
-                 "stroke_blend": float, "other_patches": int, "other_patch_scale": float, "average_last": float,
-                 "confidence_threshold": float}
+                 "stroke_blend": float, "slice_weight": float, "other_patches": int, "other_patch_scale": float,
+                 "average_last": float, "confidence_threshold": float}
 
 
 #: The fine-tuning options that are shares in (0, 1], and what each is a share of.

@@ -31,7 +31,7 @@ from .data import SliceStream, resample_inplane
 #: The default recipe (see docs/training.md, "Fine-tuning", and benchmarks/finetune.py); a model
 #: card's ``finetune`` overrides it for its model (`recipe`).
 DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anchor_groups": "voxels",
-            "blend": 0.5, "stroke_blend": 0.25, "other_patches": 4,
+            "blend": 0.5, "stroke_blend": 0.25, "slice_weight": 2.0, "other_patches": 4,
             "other_patch_scale": 1.0, "average_last": 0.5, "confidence_threshold": 0.95}
 
 
@@ -160,7 +160,9 @@ class Finetuner:
     starting and the trained network, as WiSE-FT) when every corrected slice is known whole;
     ``stroke_blend`` the share when the corrections are strokes (a slice known in part: brush dabs
     paint one label over their disk, right or wrong, so they are trusted less; docs/training.md).
-    ``self.blend`` is the share in use. The steps train ``self.trained`` and ``self.model`` is the
+    ``self.blend`` is the share in use. ``slice_weight`` weighs the supervised loss when every
+    corrected slice is known whole (strokes: 1, for the same reason); ``self.seg_weight`` is the
+    weight in use. The steps train ``self.trained`` and ``self.model`` is the
     blend, valid after every ``step()``.
     Each step draws ``batch_size`` patches around the corrections and ``other_patches`` from the
     slices without corrections (for the anchor and ICL's unlabeled terms). ``average_last`` in
@@ -173,16 +175,17 @@ class Finetuner:
     def __init__(self, model: Model, image: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None, *,
                  spacing_mm=None, modality: str | None = None, device=None, method: str | None = None,
                  lr: float | None = None, anchor: float | None = None, anchor_groups: str | None = None,
-                 blend: float | None = None, stroke_blend: float | None = None, other_patches: int | None = None,
+                 blend: float | None = None, stroke_blend: float | None = None, slice_weight: float | None = None,
+                 other_patches: int | None = None,
                  other_patch_scale: float | None = None, steps: int | None = None,
                  average_last: float | None = None, batch_size: int = 4,
                  confidence_threshold: float | None = None, seed: int = 0):
         given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups, "blend": blend,
-                 "stroke_blend": stroke_blend, "other_patches": other_patches,
+                 "stroke_blend": stroke_blend, "slice_weight": slice_weight, "other_patches": other_patches,
                  "other_patch_scale": other_patch_scale, "steps": steps, "average_last": average_last,
                  "confidence_threshold": confidence_threshold}
         chosen = {**recipe(model), **{k: v for k, v in given.items() if v is not None}}
-        (method, lr, anchor, anchor_groups, blend, stroke_blend, other_patches, other_patch_scale, steps,
+        (method, lr, anchor, anchor_groups, blend, stroke_blend, slice_weight, other_patches, other_patch_scale, steps,
          average_last, confidence_threshold) = (chosen[k] for k in given)
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
@@ -220,6 +223,7 @@ class Finetuner:
         strokes = not known[labeled].all()  # a corrected slice known in part
         self.method, self.anchor, self.anchor_groups = method, float(anchor), anchor_groups
         self.blend = float(stroke_blend if strokes else blend)
+        self.seg_weight = 1.0 if strokes else float(slice_weight)
         self.painted_slices = [int(z) for z in labeled]
         self.known_voxels = int(known.sum())
         self.trained = Model(copy.deepcopy(model.backbone), copy.deepcopy(model.card), None, model.path)
@@ -333,7 +337,8 @@ class Finetuner:
         else:
             logits_l, logits_u = self._forward(bb, images, unlabeled)
         terms["seg"] = partial_seg_loss(logits_l, target, known)
-        total = terms["seg"] + sum(self.weights[name] * terms[name] for name in ("aux", "pse", "cons") if name in terms)
+        total = self.seg_weight * terms["seg"] + sum(self.weights[name] * terms[name]
+                                                     for name in ("aux", "pse", "cons") if name in terms)
         if self.anchor > 0:
             # the anchored voxels: the unknown ones of the slices. The teacher runs only on the patches
             # that have some: around whole painted slices, none (a fifth of a step on Zen 3)
@@ -391,7 +396,8 @@ class Finetuner:
         card = self.model.card.fine_tuned({  # a copy; its val scores are cleared (no longer measured)
             "method": self.method, "anchor": self.anchor, "anchor_groups": self.anchor_groups,
             **({"confidence_threshold": self.confidence_threshold} if self.method == "icl" else {}),
-            "blend": self.blend, "other_patches": self.other_patches, "other_patch_scale": self.other_patch_scale,
+            "blend": self.blend, "seg_weight": self.seg_weight,
+            "other_patches": self.other_patches, "other_patch_scale": self.other_patch_scale,
             "precision": self.precision,
             "average_last": self.average_last, "planned_steps": self.planned_steps,
             "steps": self.steps_done,
@@ -447,7 +453,7 @@ def merge_corrections(prediction: np.ndarray, labels: np.ndarray, known: np.ndar
 
 class ICLFinetuner(Finetuner):
     """ICL fine-tuning on whole painted slices, as before the known mask existed (no anchor, the
-    trained weights themselves: unblended, not averaged)."""
+    trained weights themselves: unblended, not averaged; the supervised loss weighted 1)."""
 
     def __init__(self, model: Model, image: np.ndarray, painted: np.ndarray, known: np.ndarray | None = None,
                  **kw):
@@ -455,6 +461,7 @@ class ICLFinetuner(Finetuner):
         kw.setdefault("anchor", 0.0)
         kw.setdefault("blend", 1.0)
         kw.setdefault("stroke_blend", kw["blend"])
+        kw.setdefault("slice_weight", 1.0)
         kw.setdefault("average_last", 0.0)
         kw.setdefault("confidence_threshold", 0.0)
         super().__init__(model, image, painted, known, **kw)

@@ -13,6 +13,7 @@ from napari_consistent_seg.io import Geometry, load_volume, save_nifti
 from napari_consistent_seg.models.store import load_model
 from napari_consistent_seg.training import losses
 from napari_consistent_seg.training.finetune import (
+    DEFAULTS,
     Finetuner,
     _one_batch,
     anchor_loss,
@@ -565,15 +566,17 @@ def test_strokes_keep_a_smaller_share_of_the_change_than_whole_slices(tiny_model
 
 def test_whole_slices_weigh_the_supervised_loss_twice_strokes_once(tiny_model_path):
     """``slice_weight``: whole known slices (trusted: no dab painting both sides of a boundary)
-    weigh the supervised loss 2 by default; strokes keep 1. The loss says so, the record too; a
+    weigh the supervised loss more than strokes, which keep 1. The loss says so, the record too; a
     card may set it; the old ICL fine-tuner keeps 1."""
     model = load_model(tiny_model_path)
     image, truth = scan()
+    weight = DEFAULTS["slice_weight"]
+    assert weight > 1
     whole = Finetuner(model, image, truth, batch_size=2)
-    assert whole.seg_weight == 2.0
+    assert whole.seg_weight == weight
     terms = whole.step()
-    assert terms["loss"] == pytest.approx(2 * terms["seg"] + whole.anchor * terms["anchor"], rel=1e-5)
-    assert whole.finished_model().card.fine_tuning[-1]["seg_weight"] == 2.0
+    assert terms["loss"] == pytest.approx(weight * terms["seg"] + whole.anchor * terms["anchor"], rel=1e-5)
+    assert whole.finished_model().card.fine_tuning[-1]["seg_weight"] == weight
     known = np.zeros(truth.shape, bool)
     known[2, 10:20, 10:20] = True
     assert Finetuner(model, image, truth, known, batch_size=2).seg_weight == 1.0

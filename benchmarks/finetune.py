@@ -237,6 +237,7 @@ one 3D score per case) on the voxels that were **not** painted, before and after
 - **every-slice**: the default (`slice-weight-2` on whole slices, `end-rules` on strokes) scored on
   every slice of acdc and mnms2 (above, *Scored slices*); **every-slice-weight-3** the same with
   whole slices weighted 3. The same Zen 5 in float32, two processes of one torch thread.
+  **every-slice, seed 1**: the default's 62 whole-slice rounds from seed 1, scored so.
 - **METHOD, seed N**: the same round trained from seed N instead of 0 (`--seed N`: other patch
   draws and augmentation, the same painting and start): how much of a round's figure is chance.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only

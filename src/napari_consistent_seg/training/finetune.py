@@ -162,8 +162,8 @@ class Finetuner:
     paint one label over their disk, right or wrong, so they are trusted less; docs/training.md).
     ``self.blend`` is the share in use. ``slice_weight`` weighs the supervised loss when every
     corrected slice is known whole (strokes: 1, for the same reason); ``self.seg_weight`` is the
-    weight in use. The steps train ``self.trained`` and ``self.model`` is the
-    blend, valid after every ``step()``.
+    weight in use. The steps train ``self.trained`` and ``self.model`` is the blend, valid after
+    every ``step()``.
     Each step draws ``batch_size`` patches around the corrections and ``other_patches`` from the
     slices without corrections (for the anchor and ICL's unlabeled terms). ``average_last`` in
     [0, 1): the trained weights are averaged over that share of the ``steps`` planned, at the end
@@ -176,8 +176,7 @@ class Finetuner:
                  spacing_mm=None, modality: str | None = None, device=None, method: str | None = None,
                  lr: float | None = None, anchor: float | None = None, anchor_groups: str | None = None,
                  blend: float | None = None, stroke_blend: float | None = None, slice_weight: float | None = None,
-                 other_patches: int | None = None,
-                 other_patch_scale: float | None = None, steps: int | None = None,
+                 other_patches: int | None = None, other_patch_scale: float | None = None, steps: int | None = None,
                  average_last: float | None = None, batch_size: int = 4,
                  confidence_threshold: float | None = None, seed: int = 0):
         given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups, "blend": blend,

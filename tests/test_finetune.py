@@ -20,6 +20,7 @@ from napari_consistent_seg.training.finetune import (
     ICLFinetuner,
     finetune,
     merge_corrections,
+    most_changed_slices,
     partial_seg_loss,
     whole_slice_known,
 )
@@ -588,3 +589,20 @@ def test_whole_slices_weigh_the_supervised_loss_twice_strokes_once(tiny_model_pa
         Finetuner(model, image, truth, slice_weight=-1.0, batch_size=2)
     with pytest.raises(ConsistentSegError, match="slice_weight"):
         dataclasses.replace(model.card, finetune={"slice_weight": "two"})
+
+
+def test_most_changed_slices_name_where_the_result_left_the_start_off_the_corrections():
+    """What Accept tells the user to check: slices (axis -3) by voxels changed off the known ones,
+    most first; a cine's phases summed; changes under the corrections do not count."""
+    start = np.zeros((6, 8, 8), np.uint8)
+    result = start.copy()
+    result[0, :3, :3] = 1  # 9 voxels grown on an end slice nobody corrected
+    result[4, 0, :2] = 2  # 2 voxels
+    result[2] = 3  # a corrected slice: known, not counted
+    known = np.zeros(start.shape, bool)
+    known[2] = True
+    assert most_changed_slices(start, result, known) == [(0, 9), (4, 2)]
+    assert most_changed_slices(start, result, known, top=1) == [(0, 9)]
+    assert most_changed_slices(start, start, known) == []
+    cine = np.stack([start, result])  # (T, Z, Y, X)
+    assert most_changed_slices(np.stack([start, start]), cine, np.stack([known, known])) == [(0, 9), (4, 2)]

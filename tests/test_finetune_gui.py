@@ -59,6 +59,8 @@ def test_segment_correct_in_place_finetune_accept_repeat_revert_save(make_napari
     assert [layer.name for layer in viewer.layers] == layers  # corrected in place: no new layer
     np.testing.assert_array_equal(np.asarray(seg.data)[first], corrected[first])  # corrections win
     assert seg.metadata[METADATA_KEY]["fine_tuned"]
+    status = finetune.runner.status.text()  # where to look: the slices the round changed most, if any
+    assert "changed most beyond your corrections" in status or "Nothing changed" in status
 
     strokes(seg, reference, [4])  # the loop again: more corrections, continue from the tuned weights
     assert finetune.known_of(seg).sum() > first.sum()

@@ -16,7 +16,8 @@ from ..errors import ConsistentSegError
 from ..inference import segment, segment_slice
 from ..models.card import FINETUNE_METHODS
 from ..models.store import load_model, read_card, save_user_model
-from ..training.finetune import DEFAULTS, Finetuner, merge_corrections, model_slices, recipe, whole_slice_known
+from ..training.finetune import (DEFAULTS, Finetuner, merge_corrections, model_slices, most_changed_slices, recipe,
+                                 whole_slice_known)
 from ._widget_common import (
     LayerPicker,
     ModelInputs,
@@ -354,8 +355,12 @@ class FinetuneWidget(QWidget):
                 self.viewer.layers.remove(self.preview_layer)
             self.preview_layer = None
             self.result_layer = layer
-            self.runner.status.setText(f"Accepted into {layer.name!r}: the fine-tuned model's segmentation, your "
-                                       "corrections kept. Correct more and Fine-tune again, or Revert.")
+            _, trained_on, start = s["corrections"]
+            changed = most_changed_slices(start, merged, trained_on if known is None else known)
+            where = ("Check slices " + ", ".join(f"{z} ({n} voxels)" for z, n in changed)
+                     + ": changed most beyond your corrections. ") if changed else "Nothing changed beyond them. "
+            self.runner.status.setText(f"Accepted into {layer.name!r}, your corrections kept. {where}"
+                                       "Correct more and Fine-tune again, or Revert.")
 
         started = self.runner.start(task, description="Segmenting with the fine-tuned model", on_returned=write,
                                     on_finished=self._update_buttons)

@@ -450,6 +450,19 @@ def merge_corrections(prediction: np.ndarray, labels: np.ndarray, known: np.ndar
     return apply_corrections(prediction, labels, whole_slice_known(labels) if known is None else known)
 
 
+def most_changed_slices(start: np.ndarray, result: np.ndarray, known: np.ndarray,
+                        top: int = 3) -> list[tuple[int, int]]:
+    """Where a fine-tune's ``result`` differs most from the ``start`` segmentation off the ``known``
+    voxels: up to ``top`` (slice, voxels) pairs, most first, slices along axis -3 (napari's slider
+    for a scan, the phases of a cine summed), none unchanged. What a user should look at after
+    Accept: a fine-tune may grow heart above the base on a slice nobody corrected (docs/training.md,
+    *Scored on every slice*)."""
+    changed = (np.asarray(start) != np.asarray(result)) & ~np.asarray(known, bool)
+    per_slice = changed.reshape(-1, *changed.shape[-3:]).sum(axis=(0, 2, 3))
+    order = np.argsort(-per_slice, kind="stable")[:top]
+    return [(int(z), int(per_slice[z])) for z in order if per_slice[z] > 0]
+
+
 class ICLFinetuner(Finetuner):
     """ICL fine-tuning on whole painted slices, as before the known mask existed (no anchor, the
     trained weights themselves: unblended, not averaged; the supervised loss weighted 1)."""

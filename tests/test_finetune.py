@@ -22,6 +22,7 @@ from napari_consistent_seg.training.finetune import (
     merge_corrections,
     most_changed_slices,
     partial_seg_loss,
+    slices_text,
     whole_slice_known,
 )
 
@@ -602,6 +603,7 @@ def test_most_changed_slices_name_where_the_result_left_the_start_off_the_correc
     known = np.zeros(start.shape, bool)
     known[2] = True
     assert most_changed_slices(start, result, known) == [(0, 9), (4, 2)]
+    assert slices_text(most_changed_slices(start, result, known)) == "0 (9 voxels), 4 (2 voxels)"
     assert most_changed_slices(start, result, known, top=1) == [(0, 9)]
     assert most_changed_slices(start, start, known) == []
     cine = np.stack([start, result])  # (T, Z, Y, X)

@@ -142,7 +142,7 @@ def cmd_finetune(args) -> int:
     from .inference import segment
     from .io import load_volume, save_nifti
     from .models.store import load_model, save_model
-    from .training.finetune import finetune, model_slices, most_changed_slices, recipe, whole_slice_known
+    from .training.finetune import finetune, model_slices, most_changed_slices, recipe, slices_text, whole_slice_known
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -181,8 +181,8 @@ def cmd_finetune(args) -> int:
     print(f"{folder}\tmodel (load it with --model {folder})")
     changed = most_changed_slices(start, merged, known)
     if changed:  # slices as napari's slider numbers them (the scan's own, a cine's phases summed)
-        print("check slices " + ", ".join(f"{z} ({n} voxels)" for z, n in changed)
-              + ": changed most beyond the corrections, against the starting model's segmentation")
+        print(f"check slices {slices_text(changed)}: changed most beyond the corrections, against the "
+              "starting model's segmentation")
     return 0
 
 

@@ -17,7 +17,7 @@ from ..inference import segment, segment_slice
 from ..models.card import FINETUNE_METHODS
 from ..models.store import load_model, read_card, save_user_model
 from ..training.finetune import (DEFAULTS, Finetuner, merge_corrections, model_slices, most_changed_slices, recipe,
-                                 whole_slice_known)
+                                 slices_text, whole_slice_known)
 from ._widget_common import (
     LayerPicker,
     ModelInputs,
@@ -357,8 +357,8 @@ class FinetuneWidget(QWidget):
             self.result_layer = layer
             _, trained_on, start = s["corrections"]
             changed = most_changed_slices(start, merged, trained_on if known is None else known)
-            where = ("Check slices " + ", ".join(f"{z} ({n} voxels)" for z, n in changed)
-                     + ": changed most beyond your corrections. ") if changed else "Nothing changed beyond them. "
+            where = (f"Check slices {slices_text(changed)}: changed most beyond your corrections. " if changed
+                     else "Nothing changed beyond them. ")
             self.runner.status.setText(f"Accepted into {layer.name!r}, your corrections kept. {where}"
                                        "Correct more and Fine-tune again, or Revert.")
 

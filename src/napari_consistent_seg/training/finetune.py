@@ -463,6 +463,11 @@ def most_changed_slices(start: np.ndarray, result: np.ndarray, known: np.ndarray
     return [(int(z), int(per_slice[z])) for z in order if per_slice[z] > 0]
 
 
+def slices_text(changed: list[tuple[int, int]]) -> str:
+    """``most_changed_slices``' answer as the widget and the CLI say it: "8 (1356 voxels), 4 (200 voxels)"."""
+    return ", ".join(f"{z} ({n} voxels)" for z, n in changed)
+
+
 class ICLFinetuner(Finetuner):
     """ICL fine-tuning on whole painted slices, as before the known mask existed (no anchor, the
     trained weights themselves: unblended, not averaged; the supervised loss weighted 1)."""

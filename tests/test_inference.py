@@ -367,6 +367,58 @@ def test_corrections_win_and_keep_their_lv_slices_through_the_cardiac_clean_up(m
         segment(models["mr"], volume, corrections=(fixes[:2], where[:2]))
 
 
+
+def test_a_fine_tune_holds_the_heart_to_the_start_where_the_user_said_nothing():
+    """On the slices the user left alone, a fine-tune's result has no heart past the start's first
+    or last heart slice unless the user labeled heart past it on that side, on those end slices no
+    heart where the start has background, and no slice with under half the start's LV."""
+    from napari_consistent_seg.inference import post_process, shown_heart_slices
+
+    cardiac = load_model("cardiac-cine-mri", with_modules=False)
+    yy, xx = np.mgrid[:64, :64]
+    tuned = np.zeros((8, 64, 64), np.uint8)
+    for z in range(0, 8):
+        tuned[z][(yy - 32) ** 2 + (xx - 32) ** 2 <= 14 ** 2] = 2
+        tuned[z][(yy - 32) ** 2 + (xx - 32) ** 2 <= 8 ** 2] = 3
+    start = tuned.copy()
+    start[[0, 5, 6, 7]] = 0  # the start's heart: slices 1-4
+    spacing = (8.0, 1.5, 1.5)
+    known = np.zeros(tuned.shape, bool)
+    known[2, 30:34, 30:34] = True  # a correction inside the start's heart
+    painted = np.where(known, tuned, 0)
+    np.testing.assert_array_equal(shown_heart_slices(painted, known, start), [0, 1, 1, 1, 1, 0, 0, 0])
+    out = post_process(cardiac, tuned, None, spacing, corrections=(painted, known, start))
+    np.testing.assert_array_equal(out.reshape(8, -1).any(1), [0, 1, 1, 1, 1, 0, 0, 0])
+    assert post_process(cardiac, tuned, None, spacing, corrections=(painted, known)).reshape(8, -1).any(1).all()
+    wider = tuned.copy()  # a thicker wall on the start's end slices 1 and 4: held to the start's outline
+    wider[[1, 4]] = np.where((yy - 32) ** 2 + (xx - 32) ** 2 <= 17 ** 2, np.maximum(tuned[[1, 4]], 2), 0)
+    out = post_process(cardiac, wider, None, spacing, corrections=(painted, known, start))
+    np.testing.assert_array_equal(out[[1, 4]] > 0, start[[1, 4]] > 0)
+    np.testing.assert_array_equal(out[[2, 3]], wider[[2, 3]])
+    known[1, 40:44, 30:34] = True  # the user corrected slice 1: the fine-tune's call stands there
+    painted = np.where(known, wider, 0)
+    out = post_process(cardiac, wider, None, spacing, corrections=(painted, known, start))
+    assert (out[1] > 0).sum() == (wider[1] > 0).sum() and (out[4] > 0).sum() == (start[4] > 0).sum()
+    known[1] = False
+    painted = np.where(known, tuned, 0)
+    shrunk = tuned.copy()  # the fine-tune shrank slice 3's LV below half: the slice keeps the start's labels
+    shrunk[3] = np.where((yy - 32) ** 2 + (xx - 32) ** 2 <= 6 ** 2, 2, 0)
+    np.testing.assert_array_equal(post_process(cardiac, shrunk, None, spacing, corrections=(painted, known, start))[3],
+                                  start[3])
+    assert (post_process(cardiac, shrunk, None, spacing, corrections=(painted, known))[3] > 0).sum() < 200
+
+    known[6, 30:34, 30:34] = True  # heart labeled past the start's last slice: that side is open
+    painted = np.where(known, tuned, 0)
+    np.testing.assert_array_equal(shown_heart_slices(painted, known, start), [0, 1, 1, 1, 1, 1, 1, 1])
+    out = post_process(cardiac, tuned, None, spacing, corrections=(painted, known, start))
+    np.testing.assert_array_equal(out.reshape(8, -1).any(1), [0, 1, 1, 1, 1, 1, 1, 1])
+    erased = known.copy()  # only background labeled there: nothing shown
+    np.testing.assert_array_equal(shown_heart_slices(np.where(erased & (np.arange(8) < 6)[:, None, None], tuned, 0),
+                                                     erased, start), [0, 1, 1, 1, 1, 0, 0, 0])
+    nothing = np.zeros_like(start)
+    np.testing.assert_array_equal(shown_heart_slices(painted, known, nothing), np.ones(8, bool))
+    np.testing.assert_array_equal(shown_heart_slices(nothing, known, nothing), np.zeros(8, bool))
+
 def test_classes_the_user_did_not_label_keep_the_starting_labels():
     """A fine-tune's result: the user's voxels win; a class the user labeled on no known voxel
     (nobody corrected it, or it was only erased or painted over) is neither lost to background nor

@@ -122,6 +122,10 @@ METHODS = {
     # score the slices the expert labeled): a fine-tune that adds heart beyond the labeled base counts
     "every-slice": {"steps": DEFAULTS["steps"], "slice_weight": 2.0},
     "every-slice-weight-3": {"steps": DEFAULTS["steps"], "slice_weight": 3.0},
+    # every-slice with the heart held to the start on the slices the user left alone (no heart past
+    # its ends unless the user showed some, its end slices not widened, no slice's LV halved;
+    # inference._held_to_start_heart, on main since 2026-12-02), run on the heart's rounds only
+    "held-heart": {"steps": DEFAULTS["steps"], "slice_weight": 2.0},
 }
 #: every method before slice-weight-2 ran with the supervised loss weighted 1
 for _name in list(METHODS)[:list(METHODS).index("slice-weight-2")]:
@@ -234,10 +238,14 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   machine and day); **slice-weight-2, seed 1** and **slice-weight-3, seed 1**: 53 and 52 of them
   from seed 1 (stopped before the btcv_ct rounds). Scored on the labeled slices; on every slice
   weight 3 loses acdc patient030 ED (below), so the default stays 2.
-- **every-slice**: the default (`slice-weight-2` on whole slices, `end-rules` on strokes) scored on
+- **every-slice**: the default until `held-heart` (`slice-weight-2` on whole slices, `end-rules` on strokes) scored on
   every slice of acdc and mnms2 (above, *Scored slices*); **every-slice-weight-3** the same with
   whole slices weighted 3. The same Zen 5 in float32, two processes of one torch thread.
   **every-slice, seed 1**: the default's 62 whole-slice rounds from seed 1, scored so.
+- **held-heart**: the default since the afternoon of 2026-12-02: `every-slice` with the fine-tuned
+  heart held to the start's on the slices the user left alone (`inference._held_to_start_heart`).
+  The 120 rounds of the heart model (the abdomen model's are `every-slice`'s), from seed 0 and
+  seed 1; the same Zen 5 in float32, two processes of one torch thread.
 - **METHOD, seed N**: the same round trained from seed N instead of 0 (`--seed N`: other patch
   draws and augmentation, the same painting and start): how much of a round's figure is chance.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only

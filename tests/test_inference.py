@@ -312,6 +312,15 @@ def test_precision_follows_the_device_and_the_environment(monkeypatch):
         inference_precision(torch.device("cpu"))
 
 
+def _ringed_heart(n_slices: int, slices) -> np.ndarray:
+    """(n_slices, 64, 64) labels: on ``slices`` an LV cavity (3) inside a ring of myocardium (2)."""
+    yy, xx = np.mgrid[:64, :64]
+    r2 = (yy - 32) ** 2 + (xx - 32) ** 2
+    labels = np.zeros((n_slices, 64, 64), np.uint8)
+    labels[list(slices)] = np.where(r2 <= 8 ** 2, 3, np.where(r2 <= 14 ** 2, 2, 0)).astype(np.uint8)
+    return labels
+
+
 def test_corrections_win_and_keep_their_lv_slices_through_the_cardiac_clean_up(models):
     """What a fine-tune's Accept runs: the user's voxels replace the prediction, and the cardiac
     clean-up does not drop a slice the user corrected and left LV on (as it drops an atrium above
@@ -321,10 +330,7 @@ def test_corrections_win_and_keep_their_lv_slices_through_the_cardiac_clean_up(m
 
     cardiac = load_model("cardiac-cine-mri", with_modules=False)
     yy, xx = np.mgrid[:64, :64]
-    labels = np.zeros((6, 64, 64), np.uint8)
-    for z in range(1, 6):
-        labels[z][(yy - 32) ** 2 + (xx - 32) ** 2 <= 14 ** 2] = 2
-        labels[z][(yy - 32) ** 2 + (xx - 32) ** 2 <= 8 ** 2] = 3
+    labels = _ringed_heart(6, range(1, 6))
     labels[0][(yy - 32) ** 2 + (xx - 32) ** 2 <= 12 ** 2] = 3  # a cavity with no wall: an atrium
     spacing = (8.0, 1.5, 1.5)
     assert not (post_process(cardiac, labels, None, spacing)[0] == 3).any()
@@ -376,10 +382,7 @@ def test_a_fine_tune_holds_the_heart_to_the_start_where_the_user_said_nothing():
 
     cardiac = load_model("cardiac-cine-mri", with_modules=False)
     yy, xx = np.mgrid[:64, :64]
-    tuned = np.zeros((8, 64, 64), np.uint8)
-    for z in range(0, 8):
-        tuned[z][(yy - 32) ** 2 + (xx - 32) ** 2 <= 14 ** 2] = 2
-        tuned[z][(yy - 32) ** 2 + (xx - 32) ** 2 <= 8 ** 2] = 3
+    tuned = _ringed_heart(8, range(8))
     start = tuned.copy()
     start[[0, 5, 6, 7]] = 0  # the start's heart: slices 1-4
     spacing = (8.0, 1.5, 1.5)

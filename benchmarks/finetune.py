@@ -244,8 +244,8 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   **every-slice, seed 1**: the default's 62 whole-slice rounds from seed 1, scored so.
 - **held-heart**: the default since the afternoon of 2026-12-02: `every-slice` with the fine-tuned
   heart held to the start's on the slices the user left alone (`inference._held_to_start_heart`).
-  The 120 rounds of the heart model (the abdomen model's are `every-slice`'s), from seed 0 and
-  seed 1; the same Zen 5 in float32, two processes of one torch thread.
+  The 120 rounds of the heart model (the abdomen model's are `every-slice`'s), from seeds 0, 1
+  and 2; the same Zen 5 in float32, two processes of one torch thread.
 - **METHOD, seed N**: the same round trained from seed N instead of 0 (`--seed N`: other patch
   draws and augmentation, the same painting and start): how much of a round's figure is chance.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only

@@ -131,6 +131,10 @@ METHODS = {
 for _name in list(METHODS)[:list(METHODS).index("slice-weight-2")]:
     if _name != "default":
         METHODS[_name].setdefault("slice_weight", 1.0)
+#: and every method since stroke-blend kept half the change for whole slices: the cardiac card keeps
+#: 0.85 since the evening of 2026-12-02 (its rows: "held-heart, blend 0.85" on whole slices)
+for _name in list(METHODS)[list(METHODS).index("stroke-blend") + 1:]:
+    METHODS[_name].setdefault("blend", DEFAULTS["blend"])
 
 
 HEADER = """# Fine-tuning benchmark
@@ -242,10 +246,15 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   every slice of acdc and mnms2 (above, *Scored slices*); **every-slice-weight-3** the same with
   whole slices weighted 3. The same Zen 5 in float32, two processes of one torch thread.
   **every-slice, seed 1**: the default's 62 whole-slice rounds from seed 1, scored so.
-- **held-heart**: the default since the afternoon of 2026-12-02: `every-slice` with the fine-tuned
-  heart held to the start's on the slices the user left alone (`inference._held_to_start_heart`).
-  The 120 rounds of the heart model (the abdomen model's are `every-slice`'s), from seeds 0, 1
-  and 2; the same Zen 5 in float32, two processes of one torch thread.
+- **held-heart**: `every-slice` with the fine-tuned heart held to the start's on the slices the
+  user left alone (`inference._held_to_start_heart`, since the afternoon of 2026-12-02). The 120
+  rounds of the heart model (the abdomen model's are `every-slice`'s), from seeds 0, 1 and 2; the
+  same Zen 5 in float32, two processes of one torch thread. **held-heart, blend B**: the same
+  training's weights blended at share B, whole slices and strokes alike (seed 0: all 120 rounds;
+  seed 1: the 48 whole-slice rounds, B 0.7 and 0.85; seed 2: those 48 at 0.85, run with
+  `--set-option held-heart.blend=0.85` and renamed so). **The default since the evening of
+  2026-12-02**: for the heart model, `held-heart, blend 0.85` on whole slices (its card's `blend`)
+  and `held-heart` on strokes, organ and brush (share 0.25); for the abdomen model `every-slice`.
 - **METHOD, seed N**: the same round trained from seed N instead of 0 (`--seed N`: other patch
   draws and augmentation, the same painting and start): how much of a round's figure is chance.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only

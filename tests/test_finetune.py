@@ -290,12 +290,13 @@ def test_anchor_groups_weigh_what_the_teacher_sees_alike():
 
 def test_the_card_sets_the_models_recipe(tiny_model_path):
     """Options left unset come from the card's ``finetune`` over DEFAULTS; the shipped cardiac model
-    anchors foreground and background alike with weight 1 and draws the other slices' patches at two
-    thirds of the edge, the abdomen model keeps the defaults."""
+    anchors foreground and background alike with weight 1, keeps 0.85 of the change for whole painted
+    slices and draws the other slices' patches at two thirds of the edge; the abdomen model keeps the
+    defaults."""
     from napari_consistent_seg.training.finetune import DEFAULTS, recipe
 
     assert recipe(load_model("cardiac-cine-mri")) == {**DEFAULTS, "anchor": 1.0, "anchor_groups": "foreground",
-                                                      "other_patch_scale": 0.667}
+                                                      "blend": 0.85, "other_patch_scale": 0.667}
     assert recipe(load_model("abdomen-ct-mri")) == DEFAULTS
     model = load_model(tiny_model_path)
     model.card.finetune = {"anchor": 2.0, "anchor_groups": "classes", "steps": 3}

@@ -373,7 +373,6 @@ def test_corrections_win_and_keep_their_lv_slices_through_the_cardiac_clean_up(m
         segment(models["mr"], volume, corrections=(fixes[:2], where[:2]))
 
 
-
 def test_a_fine_tune_holds_the_heart_to_the_start_where_the_user_said_nothing():
     """On the slices the user left alone, a fine-tune's result has no heart past the start's first
     or last heart slice unless the user labeled heart past it on that side, on those end slices no
@@ -421,6 +420,7 @@ def test_a_fine_tune_holds_the_heart_to_the_start_where_the_user_said_nothing():
     nothing = np.zeros_like(start)
     np.testing.assert_array_equal(shown_heart_slices(painted, known, nothing), np.ones(8, bool))
     np.testing.assert_array_equal(shown_heart_slices(nothing, known, nothing), np.zeros(8, bool))
+
 
 def test_classes_the_user_did_not_label_keep_the_starting_labels():
     """A fine-tune's result: the user's voxels win; a class the user labeled on no known voxel

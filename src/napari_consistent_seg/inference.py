@@ -709,8 +709,9 @@ def _held_to_start_heart(labels: np.ndarray, painted: np.ndarray, known: np.ndar
     alone = ~np.asarray(known).reshape(n, -1).any(1)
     labels[~shown_heart_slices(painted, known, start) & alone] = 0
     has = np.flatnonzero(np.asarray(start).reshape(n, -1).any(1))
-    for z in {int(z) for z in (*has[:1], *has[-1:])} & set(np.flatnonzero(alone).tolist()):
-        labels[z][start[z] == 0] = 0
+    for z in ({int(has[0]), int(has[-1])} if len(has) else ()):
+        if alone[z]:
+            labels[z][start[z] == 0] = 0
     lv_start = np.isin(start, lv_values).reshape(n, -1).sum(1)
     lv_now = np.isin(labels, lv_values).reshape(n, -1).sum(1)
     shrunk = alone & (lv_now < 0.5 * lv_start)

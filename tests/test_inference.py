@@ -376,7 +376,7 @@ def test_corrections_win_and_keep_their_lv_slices_through_the_cardiac_clean_up(m
 def test_a_fine_tune_holds_the_heart_to_the_start_where_the_user_said_nothing():
     """On the slices the user left alone, a fine-tune's result has no heart past the start's first
     or last heart slice unless the user labeled heart past it on that side, on those end slices no
-    heart where the start has background, and no slice with under half the start's LV."""
+    heart where the start has background."""
     from napari_consistent_seg.inference import post_process, shown_heart_slices
 
     cardiac = load_model("cardiac-cine-mri", with_modules=False)
@@ -402,13 +402,6 @@ def test_a_fine_tune_holds_the_heart_to_the_start_where_the_user_said_nothing():
     out = post_process(cardiac, wider, None, spacing, corrections=(painted, known, start))
     assert (out[1] > 0).sum() == (wider[1] > 0).sum() and (out[4] > 0).sum() == (start[4] > 0).sum()
     known[1] = False
-    painted = np.where(known, tuned, 0)
-    shrunk = tuned.copy()  # the fine-tune shrank slice 3's LV below half: the slice keeps the start's labels
-    shrunk[3] = np.where((yy - 32) ** 2 + (xx - 32) ** 2 <= 6 ** 2, 2, 0)
-    np.testing.assert_array_equal(post_process(cardiac, shrunk, None, spacing, corrections=(painted, known, start))[3],
-                                  start[3])
-    assert (post_process(cardiac, shrunk, None, spacing, corrections=(painted, known))[3] > 0).sum() < 200
-
     known[6, 30:34, 30:34] = True  # heart labeled past the start's last slice: that side is open
     painted = np.where(known, tuned, 0)
     np.testing.assert_array_equal(shown_heart_slices(painted, known, start), [0, 1, 1, 1, 1, 1, 1, 1])

@@ -251,6 +251,7 @@ def clean_cardiac_labels(
     min_ring_cover: float = 0.5,
     max_base_growth: float = 2.0,
     max_base_area_growth: float = 1.5,
+    min_neighbour_share: float = 0.5,
     keep_slices=(),
 ) -> np.ndarray:
     """Keep the one heart of a short-axis label volume and mend what breaks function figures.
@@ -274,7 +275,10 @@ def clean_cardiac_labels(
     2. In each kept slice, the myocardium ring is closed over small gaps and everything it encloses
        becomes LV cavity.
     3. RV pieces are kept only within ``rv_reach_mm`` of the kept LV, on the run's slices.
-    4. A skipped (empty) slice inside the run is filled by interpolating its two neighbours.
+    4. A skipped (empty) slice inside the run is filled by interpolating its two neighbours; so is
+       a collapsed one, whose LV piece is less than ``min_neighbour_share`` of the smaller of its
+       two neighbours' (the LV's area changes smoothly between mid slices: a scrap between two full
+       slices is a miss, not anatomy).
 
     ``keep_slices``: slice indices the user corrected and left LV (myocardium or cavity) on, e.g.
     before a fine-tune: the end rules of step 1 never drop them from the run, nor the slices
@@ -292,6 +296,7 @@ def clean_cardiac_labels(
     keep = {int(z) for z in keep_slices}
     chain = _trim_open_ends(_heart_chain(pieces, max_shift_mm), pieces, labels, classes, min_ring_cover, keep)
     chain = _cut_base_jump(chain, pieces, labels, classes, max_base_growth, max_base_area_growth, keep)
+    chain = _without_collapsed(chain, pieces, min_neighbour_share)
     out = labels.copy()
     lv_classes = [v for v in (lv_value, myo_value) if v is not None]
     out[np.isin(out, lv_classes)] = 0
@@ -417,6 +422,15 @@ def _cut_base_jump(chain: dict[int, int], pieces, labels, classes: CardiacLabels
                 and area[i] > max_area_growth * max(max(area[:i]), 1)):
             return {z: chain[z] for z in ordered[:i]}
     return chain
+
+
+def _without_collapsed(chain: dict[int, int], pieces, min_share: float) -> dict:
+    """The run without its collapsed slices: those whose LV piece is less than ``min_share`` of the
+    smaller of its two neighbours' in the run. Two neighbouring slices cannot both be collapsed, so
+    each leaves a one-slice gap for `_fill_gaps`."""
+    area = {z: pieces[z][i][1] for z, i in chain.items()}
+    return {z: i for z, i in chain.items()
+            if z - 1 not in area or z + 1 not in area or area[z] >= min_share * min(area[z - 1], area[z + 1])}
 
 
 def _disk(radius_px: float) -> np.ndarray:

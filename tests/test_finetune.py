@@ -23,6 +23,7 @@ from napari_consistent_seg.training.finetune import (
     most_changed_slices,
     partial_seg_loss,
     slices_text,
+    WHOLE_SLICE_SHARE,
     whole_slice_known,
 )
 
@@ -558,6 +559,9 @@ def test_strokes_keep_a_smaller_share_of_the_change_than_whole_slices(tiny_model
     whole_slice = known.copy()
     whole_slice[2] = True  # a mask that knows its slice whole counts as a whole slice
     assert Finetuner(model, image, truth, whole_slice, batch_size=2).blend == 0.5
+    whole_slice[2, 0, :2] = False  # and so does one that misses a few of its voxels
+    assert (whole_slice[2].mean() >= WHOLE_SLICE_SHARE
+            and Finetuner(model, image, truth, whole_slice, batch_size=2).blend == 0.5)
     model.card.finetune = {"stroke_blend": 0.3}
     assert Finetuner(model, image, truth, known, batch_size=2).blend == 0.3
     for bad in (0, 1.5):

@@ -63,6 +63,12 @@ def icl_modules_for(model: Model) -> ICLModules:
     return modules
 
 
+#: A corrected slice counts as painted whole when at least this share of its voxels is known: a slice
+#: relabeled in full may leave some out (Sunnybrook's simulated paintings leave the 2 % where the
+#: model calls a class its experts did not label unknown), while strokes cover a few per cent at most.
+WHOLE_SLICE_SHARE = 0.9
+
+
 def whole_slice_known(painted: np.ndarray) -> np.ndarray:
     """The whole-slice rule: every voxel of a slice (the last two axes: a (Z, Y, X) volume, or each
     phase of a (T, Z, Y, X) cine) with a non-zero voxel is known."""
@@ -157,7 +163,8 @@ class Finetuner:
     without a known voxel, counted where the network's top class probability reaches
     ``confidence_threshold``; 0: everywhere, as the reference code). ``blend`` in (0, 1]: the share
     of the weight change the steps made that the result keeps (a weight-space ensemble of the
-    starting and the trained network, as WiSE-FT) when every corrected slice is known whole;
+    starting and the trained network, as WiSE-FT) when every corrected slice is known whole (at
+    least ``WHOLE_SLICE_SHARE`` of its voxels);
     ``stroke_blend`` the share when the corrections are strokes (a slice known in part: brush dabs
     paint one label over their disk, right or wrong, so they are trusted less; docs/training.md).
     ``self.blend`` is the share in use. ``slice_weight`` weighs the supervised loss when every
@@ -219,7 +226,8 @@ class Finetuner:
             raise ConsistentSegError("nothing painted: correct the segmentation with the brush or eraser "
                                      "(or paint at least one slice) first")
         self.device = pick_device(device)
-        strokes = not known[labeled].all()  # a corrected slice known in part
+        # strokes: a corrected slice known in part (under WHOLE_SLICE_SHARE)
+        strokes = bool((known[labeled].reshape(labeled.size, -1).mean(1) < WHOLE_SLICE_SHARE).any())
         self.method, self.anchor, self.anchor_groups = method, float(anchor), anchor_groups
         self.blend = float(stroke_blend if strokes else blend)
         self.seg_weight = 1.0 if strokes else float(slice_weight)

@@ -251,7 +251,7 @@ def clean_cardiac_labels(
     min_ring_cover: float = 0.5,
     max_base_growth: float = 2.0,
     max_base_area_growth: float = 1.5,
-    min_neighbour_share: float = 0.5,
+    min_neighbour_share: float = 0.75,
     keep_slices=(),
 ) -> np.ndarray:
     """Keep the one heart of a short-axis label volume and mend what breaks function figures.
@@ -277,8 +277,8 @@ def clean_cardiac_labels(
     3. RV pieces are kept only within ``rv_reach_mm`` of the kept LV, on the run's slices.
     4. A skipped (empty) slice inside the run is filled by interpolating its two neighbours; so is
        a collapsed one, whose LV piece is less than ``min_neighbour_share`` of the smaller of its
-       two neighbours' (the LV's area changes smoothly between mid slices: a scrap between two full
-       slices is a miss, not anatomy).
+       two neighbours' (the LV's area changes smoothly between mid slices: a dip between two fuller
+       slices is a miss, not anatomy; docs/cardiac.md).
 
     ``keep_slices``: slice indices the user corrected and left LV (myocardium or cavity) on, e.g.
     before a fine-tune: the end rules of step 1 never drop them from the run, nor the slices

@@ -131,6 +131,9 @@ METHODS = {
     # empty one, in place of the held rule that gave such a slice the start's labels (on main since
     # 2026-12-02, late); run on the heart's rounds only
     "collapsed-gap": {"steps": DEFAULTS["steps"], "slice_weight": 2.0, "blend": 0.85},
+    # collapsed-gap with a slice refilled when its LV is under three quarters of the smaller
+    # neighbour's (min_neighbour_share 0.75; the default since the night of 2026-12-02)
+    "refill-3/4": {"steps": DEFAULTS["steps"], "slice_weight": 2.0, "blend": 0.85},
 }
 #: every method before slice-weight-2 ran with the supervised loss weighted 1
 for _name in list(METHODS)[:list(METHODS).index("slice-weight-2")]:
@@ -271,6 +274,12 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   (`finetune.WHOLE_SLICE_SHARE`; before: all of it). The refill raises Sunnybrook ED's start by 3.9
   points (its slice 6); nothing else's start moves. The same Zen 5 in float32, two processes of one
   torch thread.
+- **refill-3/4**: `collapsed-gap` with a slice refilled when its LV is under three quarters of the
+  smaller neighbour's (`min_neighbour_share` 0.75): **the default since the night of 2026-12-02**
+  for the heart model (the abdomen model's rounds are `every-slice`'s). The heart's 120 rounds,
+  seed 0, the same machine and setting; they equal `collapsed-gap` but on two rounds (Sunnybrook ED
+  with one organ, acdc patient030 ES with dabs), where a slice the tuned network left between half
+  and three quarters of its neighbours' LV is now refilled.
 - **METHOD, seed N**: the same round trained from seed N instead of 0 (`--seed N`: other patch
   draws and augmentation, the same painting and start): how much of a round's figure is chance.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only

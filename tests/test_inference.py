@@ -402,6 +402,13 @@ def test_a_fine_tune_holds_the_heart_to_the_start_where_the_user_said_nothing():
     out = post_process(cardiac, wider, None, spacing, corrections=(painted, known, start))
     assert (out[1] > 0).sum() == (wider[1] > 0).sum() and (out[4] > 0).sum() == (start[4] > 0).sum()
     known[1] = False
+    painted = np.where(known, tuned, 0)
+    shrunk = tuned.copy()  # the fine-tune left a scrap of slice 3's LV: the clean-up refills it
+    shrunk[3] = np.where((yy - 32) ** 2 + (xx - 32) ** 2 <= 6 ** 2, 2, 0)
+    for corrections in ((painted, known, start), (painted, known)):
+        out = post_process(cardiac, shrunk, None, spacing, corrections=corrections)
+        np.testing.assert_array_equal(out[3], tuned[3])
+
     known[6, 30:34, 30:34] = True  # heart labeled past the start's last slice: that side is open
     painted = np.where(known, tuned, 0)
     np.testing.assert_array_equal(shown_heart_slices(painted, known, start), [0, 1, 1, 1, 1, 1, 1, 1])

@@ -280,6 +280,11 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   seed 0, the same machine and setting; they equal `collapsed-gap` but on two rounds (Sunnybrook ED
   with one organ, acdc patient030 ES with dabs), where a slice the tuned network left between half
   and three quarters of its neighbours' LV is now refilled.
+- **held-heart, anchor 0**: `held-heart` with no anchor (`--set-option held-heart.anchor=0
+  held-heart.blend=0.85`, renamed so): the heart's 96 exact rounds (no brush), seed 0, the night of
+  2026-12-02 before the collapsed-slice refill and the 90 % whole-slice rule; **held-heart, 120
+  steps**: acdc patient030 ES's four exact rounds with 120 steps (blend 0.85). Probes for the
+  start below 70 %, not adopted.
 - **METHOD, seed N**: the same round trained from seed N instead of 0 (`--seed N`: other patch
   draws and augmentation, the same painting and start): how much of a round's figure is chance.
 - **default 11-30 (blend 1)**: the default of earlier that evening (no blend; four paintings; only

@@ -648,6 +648,12 @@ def main(argv=None) -> int:
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
+#: which rows are the shipped default's (said above the summary table in docs/benchmarks.md)
+DEFAULT_ROWS = ("The default recipe's rows: `refill-3/4` for the heart model (its card's recipe, the clean-up "
+                "of the night of 2026-12-02), `every-slice` for the abdomen model; the other methods are earlier "
+                "defaults and probes, each described in finetune-benchmark.md.")
+
+
 def write_summary(rows: list[dict], markdown: Path | None, benchmarks_md: Path | None = None) -> int:
     if not rows:
         return 0
@@ -664,7 +670,7 @@ def write_summary(rows: list[dict], markdown: Path | None, benchmarks_md: Path |
             "painting modes: [finetune-benchmark.md](finetune-benchmark.md); the recipe: "
             "[training.md](training.md#fine-tuning)): one fine-tune round from corrections simulated from the "
             "expert labels, the change of Dice (points) on the voxels nobody painted, by painting, method and "
-            f"starting Dice.\n\n{table}\n")
+            f"starting Dice. {DEFAULT_ROWS}\n\n{table}\n")
     return 0
 
 

@@ -279,7 +279,8 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   for the heart model (the abdomen model's rounds are `every-slice`'s). The heart's 120 rounds,
   seed 0, the same machine and setting; they equal `collapsed-gap` but on two rounds (Sunnybrook ED
   with one organ, acdc patient030 ES with dabs), where a slice the tuned network left between half
-  and three quarters of its neighbours' LV is now refilled.
+  and three quarters of its neighbours' LV is now refilled. **refill-3/4, seed 1**: the same 120
+  rounds from seed 1.
 - **held-heart, anchor 0**: `held-heart` with no anchor (`--set-option held-heart.anchor=0
   held-heart.blend=0.85`, renamed so): the heart's 96 exact rounds (no brush), seed 0, the night of
   2026-12-02 before the collapsed-slice refill and the 90 % whole-slice rule; **held-heart, 120

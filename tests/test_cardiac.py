@@ -126,27 +126,31 @@ def test_clean_closes_a_broken_ring_and_fills_an_empty_slice():
     assert (cleaned[5] == MYO).any()
 
 
+def with_lv(labels, z, myo_r, lv_r=0, centre=(48, 52)):
+    """A copy of ``labels`` whose slice ``z`` has its LV replaced by a disk of myocardium of radius
+    ``myo_r`` round a cavity of radius ``lv_r`` (none at 0); the RV stays."""
+    out = labels.copy()
+    out[z][np.isin(out[z], (MYO, LV))] = 0
+    out[z][disk(labels.shape[1:], centre, myo_r)] = MYO
+    if lv_r:
+        out[z][disk(labels.shape[1:], centre, lv_r)] = LV
+    return out
+
+
 def test_clean_refills_a_collapsed_slice_but_not_a_narrowing_apex():
     """A mid slice whose LV is under three quarters of both neighbours' (a fine-tuned network's
     miss on acdc patient030 ES: 326 voxels between slices of about 1,600) is filled from them as an
     empty one is; an apex that narrows slice by slice, or halves once, is anatomy and stays, and so
     does a mid slice a little smaller than its neighbours."""
     labels = heart()
-    collapsed = labels.copy()
-    collapsed[4][np.isin(collapsed[4], (MYO, LV))] = 0
-    collapsed[4][disk(labels.shape[1:], (48, 52), 6)] = MYO  # a scrap of wall, about a fifth of the LV
+    collapsed = with_lv(labels, 4, 6)  # a scrap of wall, about a fifth of the LV
     cleaned = clean_cardiac_labels(collapsed, SPACING)
     lv = sorted(int((labels[z] == LV).sum()) for z in (3, 5))
     assert 0.9 * lv[0] <= (cleaned[4] == LV).sum() <= 1.1 * lv[1]
     np.testing.assert_array_equal(np.delete(cleaned, 4, 0), np.delete(collapsed, 4, 0))
-    apex = heart(n_slices=6, cavity_r=6)
-    apex[5][np.isin(apex[5], (MYO, LV))] = 0
-    apex[5][disk(labels.shape[1:], (48, 52), 4)] = MYO  # the last slice: one neighbour, never a gap
+    apex = with_lv(heart(n_slices=6, cavity_r=6), 5, 4)  # the last slice: one neighbour, never a gap
     np.testing.assert_array_equal(clean_cardiac_labels(apex, SPACING), apex)
-    smaller = heart()  # 0.86 of its neighbours' LV (radius 13 against 14): kept
-    smaller[4][np.isin(smaller[4], (MYO, LV))] = 0
-    smaller[4][disk(labels.shape[1:], (48, 52), 13)] = MYO
-    smaller[4][disk(labels.shape[1:], (48, 52), 8)] = LV
+    smaller = with_lv(labels, 4, 13, 8)  # 0.86 of its neighbours' LV (radius 13 against 14): kept
     np.testing.assert_array_equal(clean_cardiac_labels(smaller, SPACING), smaller)
     with_share = clean_cardiac_labels(smaller, SPACING, min_neighbour_share=0.9)
     assert (with_share[4] == LV).sum() > (smaller[4] == LV).sum()

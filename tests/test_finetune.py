@@ -289,6 +289,32 @@ def test_anchor_groups_weigh_what_the_teacher_sees_alike():
         anchor_loss(student, teacher, where, "organs")
 
 
+def test_the_anchor_holds_the_start_the_user_accepted_where_the_teacher_calls_otherwise():
+    """With the start's labels (-1 where not given), a voxel where the teacher calls the start's class
+    keeps the teacher's soft target; one where it calls another class is held to the start's label,
+    one-hot: the student's cross-entropy there. The groups follow the target's calls."""
+    teacher = torch.zeros(1, 3, 4, 4)
+    teacher[0, 0] = 4.0  # background everywhere
+    student = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    where = torch.ones(1, 4, 4, dtype=torch.bool)
+    start = torch.full((1, 4, 4), -1)
+    assert float(anchor_loss(student, teacher, where, start=start)) == float(anchor_loss(student, teacher, where))
+    start[0, 0] = 0  # the start agrees with the teacher on the first row
+    assert float(anchor_loss(student, teacher, where, start=start)) == float(anchor_loss(student, teacher, where))
+    start[0, 1, :2] = 2  # and calls two voxels class 2, which the teacher calls background
+    plain = anchor_loss(student, teacher, where)
+    held = anchor_loss(student, teacher, where, "voxels", start)
+    log_q = student.log_softmax(1)
+    t = teacher.log_softmax(1)
+    kl = (t.exp() * (t - log_q)).sum(1)[0]
+    kl[1, :2] = -log_q[0, 2, 1, :2]
+    assert float(held) == pytest.approx(float(kl.mean()), rel=1e-5) and float(held) != pytest.approx(float(plain))
+    # "foreground": the two voxels the start calls class 2 are the foreground group
+    assert float(anchor_loss(student, teacher, where, "foreground", start)) == pytest.approx(
+        0.5 * float(kl[1, :2].mean()) + 0.5 * float((kl.sum() - kl[1, :2].sum()) / 14), rel=1e-5)
+    assert float(anchor_loss(teacher, teacher, where, "voxels", start)) > 0  # the teacher misses the start there
+
+
 def test_the_card_sets_the_models_recipe(tiny_model_path):
     """Options left unset come from the card's ``finetune`` over DEFAULTS; the shipped cardiac model
     anchors foreground and background alike with weight 1, keeps 0.85 of the change for whole painted
@@ -421,7 +447,8 @@ def test_the_anchor_holds_the_slices_unknown_voxels_only(tiny_model_path, monkey
     stroke = np.zeros(truth.shape, bool)
     stroke[1, 10:20, 10:20] = True
     held = []
-    monkeypatch.setattr(module, "anchor_loss", lambda s, t, where, groups: held.append(int(where.sum())) or s.sum() * 0)
+    monkeypatch.setattr(module, "anchor_loss",
+                        lambda s, t, where, groups, start: held.append(int(where.sum())) or s.sum() * 0)
     for known, teacher_batch in ((None, 2), (stroke, 4)):  # the tiny model's patches are whole slices: one pass
         tuner = Finetuner(model, image, painted, known, anchor=1.0, other_patches=2, batch_size=2)
         tuner.augment = Augmentation(rotate_deg=30, scale=(0.8, 0.9), probability=1.0)  # padding in every patch
@@ -613,3 +640,36 @@ def test_most_changed_slices_name_where_the_result_left_the_start_off_the_correc
     assert most_changed_slices(start, start, known) == []
     cine = np.stack([start, result])  # (T, Z, Y, X)
     assert most_changed_slices(np.stack([start, start]), cine, np.stack([known, known])) == [(0, 9), (4, 2)]
+
+
+def test_the_start_reaches_the_anchor_on_the_unknown_voxels_only(tiny_model_path, monkeypatch):
+    """``start`` (the segmentation the user accepted, on the tuner's slices) travels with the patches:
+    the anchor gets its labels on the unknown voxels where the start labels a class the teacher does
+    not call (here the start's own class 1), -1 elsewhere (background, the known voxels, beyond the
+    slice); without it, or for a model without the cardiac clean-up, None. Labels off the model's
+    classes or the image's grid are refused."""
+    from napari_consistent_seg.training import finetune as module
+
+    model = load_model(tiny_model_path)
+    image, truth = scan()
+    stroke = np.zeros(truth.shape, bool)
+    stroke[1, 10:20, 10:20] = True
+    start = truth.copy()
+    start[:, 40:, :] = 1  # a class of the start's own, off the stroke
+    seen = []
+    monkeypatch.setattr(module, "anchor_loss",
+                        lambda s, t, where, groups, start: seen.append((where, start)) or s.sum() * 0)
+    Finetuner(model, image, truth, stroke, anchor=1.0, other_patches=2, batch_size=2).step()
+    assert seen[-1][1] is None
+    # a model without the cardiac clean-up: its clean-up only removes, so the start is not used
+    Finetuner(model, image, truth, stroke, anchor=1.0, other_patches=2, batch_size=2, start=start).step()
+    assert seen[-1][1] is None
+    model.card = dataclasses.replace(model.card, cardiac_cleanup=True)
+    Finetuner(model, image, truth, stroke, anchor=1.0, other_patches=2, batch_size=2, start=start).step()
+    where, held = seen[-1]
+    assert set(torch.unique(held).tolist()) <= {-1, 1, 3} and 1 in held  # never background
+    assert not ((held >= 0) & ~where).any()  # held only where the anchor holds
+    with pytest.raises(ShapeMismatchError, match="start"):
+        Finetuner(model, image, truth, stroke, start=start[:2])
+    with pytest.raises(ConsistentSegError, match="classes"):
+        Finetuner(model, image, truth, stroke, start=start + 10)

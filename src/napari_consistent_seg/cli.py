@@ -151,8 +151,12 @@ def cmd_finetune(args) -> int:
     # painted slices as napari shows them (the scan's own slices), before any change of plane
     known = whole_slice_known(painted) if args.known is None else load_volume(args.known).data != 0
     model = load_model(args.model)
+    # the starting model's segmentation: the anchor holds it where the clean-up changed the network's call,
+    # and the classes the user labeled on no known voxel keep it
+    start = segment(model, volume, device=args.device).data
     # the model learns from slices in its own plane; a cine gives the slices of all its phases
-    (image, labels, known_slices), spacing = model_slices(model, volume, volume.data, painted, known)
+    (image, labels, known_slices, start_slices), spacing = model_slices(model, volume, volume.data, painted, known,
+                                                                        start)
     # --seconds alone: as many steps as fit; no --steps: the model's recipe (the widget's default)
     steps = 10**9 if args.seconds else recipe(model)["steps"] if args.steps is None else args.steps
     bar = _progress_bar(None if args.seconds else steps, f"fine-tuning {model.name}", unit="step")
@@ -163,14 +167,13 @@ def cmd_finetune(args) -> int:
 
     tuner = finetune(model, image, labels.astype(np.int64), known_slices, steps=steps, seconds=args.seconds,
                      spacing_mm=spacing, modality=volume.modality, device=args.device, progress=progress,
-                     method=args.method)
+                     method=args.method, start=start_slices)
     bar.close()
     for warning in tuner.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     tuned = tuner.finished_model()
     # every phase, on the scan's own grid; the painted voxels win, the clean-up keeps their slices,
     # and the classes the user labeled on no known voxel keep the starting model's labels
-    start = segment(model, volume, device=args.device).data
     merged = segment(tuned, volume, device=args.device, corrections=(painted, known, start)).data
     outdir = Path(args.output)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -228,13 +228,17 @@ class FinetuneWidget(QWidget):
 
         def task(progress, cancel):
             model = start_model or load_model(model_choice, device="cpu")
-            # the starting model's segmentation: classes the user labeled on no known voxel keep it
-            start = segment(model, volume, device=device).data if start_labels is None else start_labels
+            # the round's model's segmentation, cleaned up: the anchor holds it where the clean-up changed
+            # the network's call. The starting model's (this scan's first round's): classes the user
+            # labeled on no known voxel keep it
+            own = segment(model, volume, device=device).data
+            start = own if start_labels is None else start_labels
             fixes = (labels, known, start)
             # the model learns from slices in its own plane (the scan's own for a cardiac model)
-            (image, painted, known_slices), spacing = model_slices(model, volume, volume.data, labels, known)
+            (image, painted, known_slices, held), spacing = model_slices(model, volume, volume.data, labels, known,
+                                                                        own)
             tuner = Finetuner(model, image, painted, known_slices, spacing_mm=spacing, modality=modality,
-                              device=device, method=method, steps=steps)
+                              device=device, method=method, steps=steps, start=held)
             yield "ready", (tuner, fixes)
             for step in range(1, steps + 1):
                 if cancel.is_set():

@@ -151,7 +151,7 @@ def cmd_finetune(args) -> int:
     # painted slices as napari shows them (the scan's own slices), before any change of plane
     known = whole_slice_known(painted) if args.known is None else load_volume(args.known).data != 0
     model = load_model(args.model)
-    # the starting model's segmentation: the anchor holds it where the clean-up changed the network's call,
+    # the starting model's segmentation: the anchor holds what its clean-up added to the network's call,
     # and the classes the user labeled on no known voxel keep it
     start = segment(model, volume, device=args.device).data
     # the model learns from slices in its own plane; a cine gives the slices of all its phases

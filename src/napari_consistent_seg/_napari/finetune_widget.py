@@ -228,9 +228,9 @@ class FinetuneWidget(QWidget):
 
         def task(progress, cancel):
             model = start_model or load_model(model_choice, device="cpu")
-            # the round's model's segmentation, cleaned up: the anchor holds it where the clean-up changed
-            # the network's call. The starting model's (this scan's first round's): classes the user
-            # labeled on no known voxel keep it
+            # the round's model's segmentation, cleaned up: the anchor holds what its clean-up added to
+            # the network's call (a refilled slice). The starting model's (this scan's first round's):
+            # classes the user labeled on no known voxel keep it
             own = segment(model, volume, device=device).data
             start = own if start_labels is None else start_labels
             fixes = (labels, known, start)

@@ -298,6 +298,8 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   the clean-up added: a refilled slice). **The default since the night of 2026-12-02** for the heart
   model (the widget and the CLI pass the start; the abdomen model, without a clean-up that adds,
   holds nothing more: its rounds are `every-slice`'s). The same machine and setting.
+  **start-fill, seed 1**: the 15 rounds of the three scans where `start-fill` moved most from seed
+  0 (Sunnybrook ED, acdc patient030 ES and patient039 ES), from seed 1.
 - **held-heart, anchor 0**: `held-heart` with no anchor (`--set-option held-heart.anchor=0
   held-heart.blend=0.85`, renamed so): the heart's 96 exact rounds (no brush), seed 0, the night of
   2026-12-02 before the collapsed-slice refill and the 90 % whole-slice rule; **held-heart, 120

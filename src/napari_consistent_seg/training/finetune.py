@@ -36,9 +36,19 @@ DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anc
 
 
 #: How the patches mark their voxels (uint8): beyond the slice (what augmentation and zero padding
-#: bring in), unknown, the start's label + START where a voxel is unknown and the start is given,
-#: and label + KNOWN where the user labeled it.
+#: bring in), unknown, the start's label + START where a voxel is unknown and the anchor holds the
+#: start there (`Finetuner._mark_start`), and label + KNOWN where the user labeled it.
 OUTSIDE, UNKNOWN, START, KNOWN = 0, 1, 2, 128
+
+
+def _unknown(codes: torch.Tensor) -> torch.Tensor:
+    """Where patches of those codes show a voxel of the slice that the user did not label."""
+    return (codes != OUTSIDE) & (codes < KNOWN)
+
+
+def _held_start(codes: torch.Tensor) -> torch.Tensor:
+    """The start's labels where the anchor holds them, -1 elsewhere (int64)."""
+    return torch.where((codes >= START) & (codes < KNOWN), codes.long() - START, -1)
 
 
 def recipe(model) -> dict:
@@ -392,17 +402,13 @@ class Finetuner:
         if self.anchor > 0:
             # the anchored voxels: the unknown ones of the slices. The teacher runs only on the patches
             # that have some: around whole painted slices, none (a fifth of a step on Zen 3)
-            unknown = (encoded != OUTSIDE) & ~known
+            unknown = _unknown(encoded)
             rows = unknown.flatten(1).any(1)
             with torch.no_grad():
                 teacher_l, teacher_u = self._forward(self.teacher, images[rows], unlabeled)
-            inside_u = (encoded_u != OUTSIDE) & (encoded_u < KNOWN)
-            start = None
-            if self.has_start:  # the start's labels where given, -1 elsewhere
-                start = _one_batch(*(torch.where((e >= START) & (e < KNOWN), e.long() - START, -1)
-                                     for e in (encoded[rows], encoded_u)))
+            start = _one_batch(_held_start(encoded[rows]), _held_start(encoded_u)) if self.has_start else None
             terms["anchor"] = anchor_loss(_one_batch(logits_l[rows], logits_u), _one_batch(teacher_l, teacher_u),
-                                          _one_batch(unknown[rows], inside_u), self.anchor_groups, start)
+                                          _one_batch(unknown[rows], _unknown(encoded_u)), self.anchor_groups, start)
             total = total + self.anchor * terms["anchor"]
         return total, terms
 

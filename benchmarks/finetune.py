@@ -141,6 +141,10 @@ METHODS = {
     # the same where the start labels heart the network did not call (what the clean-up added: a
     # refilled slice), Finetuner's ``start`` as the widget and the CLI pass it since then
     "start-fill": {"steps": DEFAULTS["steps"], "slice_weight": 2.0, "blend": 0.85, "anchor_to_start": True},
+    # start-fill with strokes anchored as the recipe's DEFAULTS do (weight 3, every voxel alike; the cardiac
+    # card's 1, foreground and background alike, stays for whole slices) and half their change kept
+    "stroke-anchor-3": {"steps": DEFAULTS["steps"], "slice_weight": 2.0, "blend": 0.85, "anchor_to_start": True,
+                        "stroke_anchor": 3.0, "stroke_anchor_groups": "voxels", "stroke_blend": 0.5},
 }
 #: every method before slice-weight-2 ran with the supervised loss weighted 1
 for _name in list(METHODS)[:list(METHODS).index("slice-weight-2")]:

@@ -323,6 +323,7 @@ def test_the_card_sets_the_models_recipe(tiny_model_path):
     from napari_consistent_seg.training.finetune import DEFAULTS, recipe
 
     assert recipe(load_model("cardiac-cine-mri")) == {**DEFAULTS, "anchor": 1.0, "anchor_groups": "foreground",
+                                                      "stroke_anchor": 1.0, "stroke_anchor_groups": "foreground",
                                                       "blend": 0.85, "other_patch_scale": 0.667}
     assert recipe(load_model("abdomen-ct-mri")) == DEFAULTS
     model = load_model(tiny_model_path)
@@ -596,6 +597,30 @@ def test_strokes_keep_a_smaller_share_of_the_change_than_whole_slices(tiny_model
             Finetuner(model, image, truth, known, stroke_blend=bad, batch_size=2)
     with pytest.raises(ConsistentSegError, match="stroke_blend"):
         dataclasses.replace(model.card, finetune={"stroke_blend": 2.0})
+
+
+def test_strokes_have_their_own_anchor(tiny_model_path):
+    """``stroke_anchor`` and ``stroke_anchor_groups``: a round of strokes anchors the unknown voxels
+    with them, a round of whole slices with ``anchor`` and ``anchor_groups``; the record says which
+    was used; a card may set them; bad values get a clear error."""
+    model = load_model(tiny_model_path)
+    image, truth = scan()
+    known = np.zeros(truth.shape, bool)
+    known[2, 10:20, 10:20] = True
+    model.card.finetune = {"anchor": 1.0, "anchor_groups": "foreground", "stroke_anchor": 2.0,
+                           "stroke_anchor_groups": "classes"}
+    strokes = finetune(model, image, truth, known, steps=1, average_last=0.0, batch_size=2)
+    assert (strokes.anchor, strokes.anchor_groups) == (2.0, "classes")
+    assert strokes.finished_model().card.fine_tuning[-1]["anchor_groups"] == "classes"
+    whole = Finetuner(model, image, truth, batch_size=2)
+    assert (whole.anchor, whole.anchor_groups) == (1.0, "foreground")
+    model.card.finetune = {}
+    assert (Finetuner(model, image, truth, known, batch_size=2).anchor, Finetuner(
+        model, image, truth, known, stroke_anchor=0.5, batch_size=2).anchor) == (3.0, 0.5)
+    with pytest.raises(ConsistentSegError, match="stroke_anchor_groups"):
+        Finetuner(model, image, truth, known, stroke_anchor_groups="pixels", batch_size=2)
+    with pytest.raises(ConsistentSegError, match="stroke_anchor"):
+        dataclasses.replace(model.card, finetune={"stroke_anchor": -1.0})
 
 
 def test_whole_slices_weigh_the_supervised_loss_twice_strokes_once(tiny_model_path):

@@ -52,7 +52,8 @@ ANCHOR_GROUPS = ("voxels", "foreground", "classes", "voxels+classes")
 #: Fine-tuning methods: the supervised loss on the corrections, or that plus ICL's unlabeled terms.
 FINETUNE_METHODS = ("supervised", "icl")
 #: The fine-tuning recipe a card may set for its model (``finetune``), over training.finetune.DEFAULTS.
-FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str, "blend": float,
+FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str,
+                 "stroke_anchor": float, "stroke_anchor_groups": str, "blend": float,
                  "stroke_blend": float, "slice_weight": float, "other_patches": int, "other_patch_scale": float,
                  "average_last": float, "confidence_threshold": float}
 
@@ -82,7 +83,7 @@ def finetune_option_problem(key: str, value) -> str | None:
         return "must be >= 0"
     if key == "method" and value not in FINETUNE_METHODS:
         return "must be " + " or ".join(map(repr, FINETUNE_METHODS))
-    if key == "anchor_groups" and value not in ANCHOR_GROUPS:
+    if key in ("anchor_groups", "stroke_anchor_groups") and value not in ANCHOR_GROUPS:
         return f"must be one of {', '.join(ANCHOR_GROUPS)}"
     if key in _SHARES and not 0 < value <= 1:
         return f"({_SHARES[key]}) must be in (0, 1]"

@@ -31,7 +31,8 @@ from .data import SliceStream, resample_inplane
 #: The default recipe (see docs/training.md, "Fine-tuning", and benchmarks/finetune.py); a model
 #: card's ``finetune`` overrides it for its model (`recipe`).
 DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anchor_groups": "voxels",
-            "blend": 0.5, "stroke_blend": 0.25, "slice_weight": 2.0, "other_patches": 4,
+            "stroke_anchor": 3.0, "stroke_anchor_groups": "voxels", "blend": 0.5, "stroke_blend": 0.25,
+            "slice_weight": 2.0, "other_patches": 4,
             "other_patch_scale": 1.0, "average_last": 0.5, "confidence_threshold": 0.95}
 
 
@@ -206,17 +207,19 @@ class Finetuner:
     def __init__(self, model: Model, image: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None, *,
                  spacing_mm=None, modality: str | None = None, device=None, method: str | None = None,
                  lr: float | None = None, anchor: float | None = None, anchor_groups: str | None = None,
+                 stroke_anchor: float | None = None, stroke_anchor_groups: str | None = None,
                  blend: float | None = None, stroke_blend: float | None = None, slice_weight: float | None = None,
                  other_patches: int | None = None, other_patch_scale: float | None = None, steps: int | None = None,
                  average_last: float | None = None, batch_size: int = 4,
                  confidence_threshold: float | None = None, seed: int = 0, start: np.ndarray | None = None):
-        given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups, "blend": blend,
+        given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups,
+                 "stroke_anchor": stroke_anchor, "stroke_anchor_groups": stroke_anchor_groups, "blend": blend,
                  "stroke_blend": stroke_blend, "slice_weight": slice_weight, "other_patches": other_patches,
                  "other_patch_scale": other_patch_scale, "steps": steps, "average_last": average_last,
                  "confidence_threshold": confidence_threshold}
         chosen = {**recipe(model), **{k: v for k, v in given.items() if v is not None}}
-        (method, lr, anchor, anchor_groups, blend, stroke_blend, slice_weight, other_patches, other_patch_scale, steps,
-         average_last, confidence_threshold) = (chosen[k] for k in given)
+        (method, lr, anchor, anchor_groups, stroke_anchor, stroke_anchor_groups, blend, stroke_blend, slice_weight,
+         other_patches, other_patch_scale, steps, average_last, confidence_threshold) = (chosen[k] for k in given)
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
         for key in given:
@@ -258,7 +261,9 @@ class Finetuner:
         self.device = pick_device(device)
         # strokes: a corrected slice known in part (under WHOLE_SLICE_SHARE)
         strokes = bool((known[labeled].reshape(labeled.size, -1).mean(1) < WHOLE_SLICE_SHARE).any())
-        self.method, self.anchor, self.anchor_groups = method, float(anchor), anchor_groups
+        self.method = method
+        self.anchor, self.anchor_groups = float(stroke_anchor if strokes else anchor), (
+            stroke_anchor_groups if strokes else anchor_groups)
         self.blend = float(stroke_blend if strokes else blend)
         self.seg_weight = 1.0 if strokes else float(slice_weight)
         self.painted_slices = [int(z) for z in labeled]

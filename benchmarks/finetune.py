@@ -492,6 +492,9 @@ def tuner_for(model, case: Case, labels, known, options: dict, start: np.ndarray
     held to the ``start`` segmentation's labels when the method's ``anchor_to_start`` says so."""
     options = dict(options)
     to_start = options.pop("anchor_to_start", False)
+    for key in ("anchor", "anchor_groups"):  # methods from before stroke_anchor: strokes anchored as slices
+        if key in options:
+            options.setdefault("stroke_" + key, options[key])
     (image, painted, known_slices, start_slices), spacing = model_slices(
         model, case.volume, case.volume.data, labels, known, start if to_start else None)
     return Finetuner(model, image, painted, known_slices, spacing_mm=spacing, modality=case.volume.modality,

@@ -192,6 +192,8 @@ class Finetuner:
     least ``WHOLE_SLICE_SHARE`` of its voxels);
     ``stroke_blend`` the share when the corrections are strokes (a slice known in part: brush dabs
     paint one label over their disk, right or wrong, so they are trusted less; docs/training.md).
+    ``stroke_anchor`` and ``stroke_anchor_groups`` replace ``anchor`` and ``anchor_groups`` in a
+    round of strokes (``self.anchor``, ``self.anchor_groups``: those in use).
     ``self.blend`` is the share in use. ``slice_weight`` weighs the supervised loss when every
     corrected slice is known whole (strokes: 1, for the same reason); ``self.seg_weight`` is the
     weight in use. The steps train ``self.trained`` and ``self.model`` is the blend, valid after

@@ -154,6 +154,11 @@ for _name in list(METHODS)[:list(METHODS).index("slice-weight-2")]:
 #: 0.85 since the evening of 2026-12-02 (its rows: "held-heart, blend 0.85" on whole slices)
 for _name in list(METHODS)[list(METHODS).index("stroke-blend") + 1:]:
     METHODS[_name].setdefault("blend", DEFAULTS["blend"])
+#: and every method before stroke-anchor-3 anchored strokes as whole slices and kept its own share of
+#: their change, else DEFAULTS', as the cardiac card did until 2026-12-03 (`options_for`: their rows stay
+#: reproducible)
+for _name in list(METHODS)[1:list(METHODS).index("stroke-anchor-3")]:
+    METHODS[_name]["strokes_as_slices"] = True
 
 
 HEADER = """# Fine-tuning benchmark
@@ -304,6 +309,14 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   holds nothing more: its rounds are `every-slice`'s). The same machine and setting.
   **start-fill, seed 1**: the 15 rounds of the three scans where `start-fill` moved most from seed
   0 (Sunnybrook ED, acdc patient030 ES and patient039 ES), from seed 1.
+- **stroke-anchor-3**: `start-fill` with a round of strokes anchored as the recipe's DEFAULTS do
+  (weight 3, every voxel alike, not the cardiac card's 1 with foreground and background alike) and
+  half its change kept; **stroke-anchor-3, blend B** the same training with the share B. The heart's
+  72 stroke, organ and dab rounds, seed 0, the same machine and setting, 2026-12-03. **Its `blend
+  0.3` rows are the heart's default for strokes since then** (the cardiac card's `stroke_anchor` 3,
+  `stroke_anchor_groups` "voxels", `stroke_blend` 0.3); its whole slices stay `start-fill`'s. The
+  methods above it anchor strokes as their whole slices, at their own share or DEFAULTS' 0.25 (as
+  the card did when they ran).
 - **held-heart, anchor 0**: `held-heart` with no anchor (`--set-option held-heart.anchor=0
   held-heart.blend=0.85`, renamed so): the heart's 96 exact rounds (no brush), seed 0, the night of
   2026-12-02 before the collapsed-slice refill and the 90 % whole-slice rule; **held-heart, 120
@@ -487,14 +500,24 @@ def corrections(case: Case, pred: np.ndarray, mode: str, rng) -> tuple[np.ndarra
     return np.where(known, ref, 0).astype(np.uint8), known
 
 
+def options_for(model, options: dict) -> dict:
+    """The recipe a method runs on ``model``: the card's, with the method's options over it; strokes
+    anchored as the method's (else the card's) whole slices, with DEFAULTS' share, where the method
+    says ``strokes_as_slices``."""
+    options = dict(options)
+    if options.pop("strokes_as_slices", False):
+        options.setdefault("stroke_blend", DEFAULTS["stroke_blend"])
+        for key in ("anchor", "anchor_groups"):
+            options.setdefault("stroke_" + key, options.get(key, recipe(model)[key]))
+    return {**recipe(model), **options}
+
+
 def tuner_for(model, case: Case, labels, known, options: dict, start: np.ndarray) -> Finetuner:
-    """A fine-tuner on the model's slices of the case, as the widget and the CLI build it; the anchor
-    held to the ``start`` segmentation's labels when the method's ``anchor_to_start`` says so."""
+    """A fine-tuner on the model's slices of the case, as the widget and the CLI build it, with the
+    recipe ``options`` (`options_for`); the anchor held to the ``start`` segmentation's labels when
+    its ``anchor_to_start`` says so."""
     options = dict(options)
     to_start = options.pop("anchor_to_start", False)
-    for key in ("anchor", "anchor_groups"):  # methods from before stroke_anchor: strokes anchored as slices
-        if key in options:
-            options.setdefault("stroke_" + key, options[key])
     (image, painted, known_slices, start_slices), spacing = model_slices(
         model, case.volume, case.volume.data, labels, known, start if to_start else None)
     return Finetuner(model, image, painted, known_slices, spacing_mm=spacing, modality=case.volume.modality,
@@ -533,7 +556,7 @@ def time_rounds(threads: int, methods: dict, repeats: int = 2) -> int:
     labels, known = corrections(case, before, "worst2", np.random.default_rng(0))
     for r in range(repeats):
         for name, chosen in methods.items():
-            options = {**recipe(model), **chosen}
+            options = options_for(model, chosen)
             steps = options["steps"]
             started = time.monotonic()
             start = segment(model, case.volume, device="cpu").data  # the widget's round begins with it
@@ -643,7 +666,7 @@ def main(argv=None) -> int:
             where = ~known & case.scored_slices[:, None, None]
             start = dice_on(before, case.labels, where, case.scored_classes)
             for name, options in methods.items():
-                chosen = {**recipe(model), **options}
+                chosen = options_for(model, options)
                 # None: the round's own share, as the Accept; a number: that share (the own row already
                 # when the method has one share for whole slices and strokes alike)
                 same = {chosen["blend"]} if chosen["blend"] == chosen["stroke_blend"] else set()
@@ -651,7 +674,7 @@ def main(argv=None) -> int:
                 names = {b: name if b is None else f"{name}, blend {b:g}" for b in blends}
                 if all((case.name, paint, n) in done for n in names.values()):
                     continue
-                preds, secs, steps, own = run_round(model, case, labels, known, options, args.seconds, before,
+                preds, secs, steps, own = run_round(model, case, labels, known, chosen, args.seconds, before,
                                                     blends)
                 for b, after in zip(blends, preds):
                     if (case.name, paint, names[b]) in done:
@@ -680,10 +703,10 @@ BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 #: which rows are the shipped default's (said above the summary table in docs/benchmarks.md)
-DEFAULT_ROWS = ("The default recipe's rows: `start-fill` for the heart model (its card's recipe, the clean-up "
-                "of the night of 2026-12-02, the anchor holding what the clean-up added to the start), "
-                "`every-slice` for the abdomen model; the other methods are earlier defaults and probes, each "
-                "described in finetune-benchmark.md.")
+DEFAULT_ROWS = ("The default recipe's rows: for the heart model (its card's recipe since 2026-12-03) `start-fill` "
+                "on whole slices (worst2, spread2: the anchor holding what the clean-up added to the start) and "
+                "`stroke-anchor-3, blend 0.3` on strokes, organ and brush; `every-slice` for the abdomen model; the "
+                "other methods are earlier defaults and probes, each described in finetune-benchmark.md.")
 
 
 def write_summary(rows: list[dict], markdown: Path | None, benchmarks_md: Path | None = None) -> int:

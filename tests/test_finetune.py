@@ -317,14 +317,14 @@ def test_the_anchor_holds_the_start_the_user_accepted_where_the_teacher_calls_ot
 
 def test_the_card_sets_the_models_recipe(tiny_model_path):
     """Options left unset come from the card's ``finetune`` over DEFAULTS; the shipped cardiac model
-    anchors foreground and background alike with weight 1, keeps 0.85 of the change for whole painted
-    slices and draws the other slices' patches at two thirds of the edge; the abdomen model keeps the
-    defaults."""
+    anchors whole painted slices' foreground and background alike with weight 1 (strokes: every voxel
+    alike, weight 3, as DEFAULTS), keeps 0.85 of the change for whole painted slices and 0.3 for
+    strokes, and draws the other slices' patches at two thirds of the edge; the abdomen model keeps
+    the defaults."""
     from napari_consistent_seg.training.finetune import DEFAULTS, recipe
 
     assert recipe(load_model("cardiac-cine-mri")) == {**DEFAULTS, "anchor": 1.0, "anchor_groups": "foreground",
-                                                      "stroke_anchor": 1.0, "stroke_anchor_groups": "foreground",
-                                                      "blend": 0.85, "other_patch_scale": 0.667}
+                                                      "blend": 0.85, "stroke_blend": 0.3, "other_patch_scale": 0.667}
     assert recipe(load_model("abdomen-ct-mri")) == DEFAULTS
     model = load_model(tiny_model_path)
     model.card.finetune = {"anchor": 2.0, "anchor_groups": "classes", "steps": 3}

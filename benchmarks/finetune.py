@@ -543,17 +543,17 @@ def run_round(model, case: Case, labels, known, options: dict, seconds: float | 
     return preds, tuned_s, tuner.steps_done, tuner.blend
 
 
-def time_rounds(threads: int, methods: dict, repeats: int = 2) -> int:
+def time_rounds(threads: int, methods: dict, repeats: int = 2, paint: str = "worst2") -> int:
     """Wall time of rounds of each of ``methods`` (name -> options over the model's recipe),
     interleaved: the steps, as the widget's progress bar counts, and the whole round (set-up, steps
     and the segmentation that Accept writes) on acdc patient028_frame01 (10 slices, 256 x 224),
-    two painted slices; the load average beside it."""
+    painted as ``paint`` says (two whole slices unless told); the load average beside it."""
     import os
 
     (case,) = [c for c in load_cases(["acdc"], None) if c.name == "patient028_frame01"]
     model = load_model(case.model)
     before = segment(model, case.volume, device="cpu").data
-    labels, known = corrections(case, before, "worst2", np.random.default_rng(0))
+    labels, known = corrections(case, before, paint, np.random.default_rng(0))
     for r in range(repeats):
         for name, chosen in methods.items():
             options = options_for(model, chosen)
@@ -629,7 +629,8 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", type=Path, help="write the summary table here")
     p.add_argument("--benchmarks-md", type=Path, nargs="?", const=BENCHMARKS_MD,
                    help="also put the summary in docs/benchmarks.md's fine-tuning section")
-    p.add_argument("--timing", action="store_true", help="only time rounds of --methods, interleaved, on a 10-slice acdc scan")
+    p.add_argument("--timing", action="store_true", help="only time rounds of --methods, interleaved, on a 10-slice acdc scan "
+                        "(painted as one --paint, else two whole slices)")
     p.add_argument("--summary-only", action="store_true", help="only summarise the rows of --csv")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -648,7 +649,7 @@ def main(argv=None) -> int:
     if args.seed:
         methods = {f"{name}, seed {args.seed}": {**options, "seed": args.seed} for name, options in methods.items()}
     if args.timing:
-        return time_rounds(args.threads, methods)
+        return time_rounds(args.threads, methods, paint=args.paint[0] if len(args.paint) == 1 else "worst2")
     rows, done = [], set()
     if args.csv and args.csv.is_file():
         with args.csv.open() as f:

@@ -157,8 +157,9 @@ for _name in list(METHODS)[list(METHODS).index("stroke-blend") + 1:]:
 #: and every method before stroke-anchor-3 anchored strokes as whole slices and kept its own share of
 #: their change, else DEFAULTS', as the cardiac card did until 2026-12-03 (`options_for`: their rows stay
 #: reproducible)
-for _name in list(METHODS)[1:list(METHODS).index("stroke-anchor-3")]:
-    METHODS[_name]["strokes_as_slices"] = True
+for _name in list(METHODS)[:list(METHODS).index("stroke-anchor-3")]:
+    if _name != "default":
+        METHODS[_name]["strokes_as_slices"] = True
 
 
 HEADER = """# Fine-tuning benchmark
@@ -504,12 +505,12 @@ def options_for(model, options: dict) -> dict:
     """The recipe a method runs on ``model``: the card's, with the method's options over it; strokes
     anchored as the method's (else the card's) whole slices, with DEFAULTS' share, where the method
     says ``strokes_as_slices``."""
-    options = dict(options)
+    options, card = dict(options), recipe(model)
     if options.pop("strokes_as_slices", False):
         options.setdefault("stroke_blend", DEFAULTS["stroke_blend"])
         for key in ("anchor", "anchor_groups"):
-            options.setdefault("stroke_" + key, options.get(key, recipe(model)[key]))
-    return {**recipe(model), **options}
+            options.setdefault("stroke_" + key, options.get(key, card[key]))
+    return {**card, **options}
 
 
 def tuner_for(model, case: Case, labels, known, options: dict, start: np.ndarray) -> Finetuner:

@@ -19,7 +19,7 @@ from .errors import ConsistentSegError
 from .models.card import FINETUNE_METHODS
 
 
-def _progress_bar(total: int, desc: str, unit: str = "it"):
+def _progress_bar(total: int | None, desc: str, unit: str = "it"):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
@@ -116,7 +116,8 @@ def cmd_predict(args) -> int:
         phases = f", {volume.n_phases} phases" if volume.n_phases else ""
         print(f"{path.name}: {volume.geometry.describe_plane()} acquisition{phases}; model slices in its "
               f"{model_plane(model)} plane", file=sys.stderr)
-        bar = _progress_bar(volume.shape[-3] * (volume.n_phases or 1), path.name, unit="slice")
+        # the total is the model's slices (its plane may not be the scan's): set by the first call
+        bar = _progress_bar(None, path.name, unit="slice")
 
         def progress(done, total, bar=bar):
             bar.total = total

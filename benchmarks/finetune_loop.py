@@ -42,7 +42,7 @@ def loop(model, case: fb.Case, rounds: int, paint: str, fresh: bool = False):
         # first one for the classes the user never labeled
         if fresh:
             model = shipped
-        own = first if r == 1 or fresh else segment(model, case.volume, device="cpu").data
+        own = first if model is shipped else segment(model, case.volume, device="cpu").data
         tuner = fb.tuner_for(model, case, labels, known, options, own)
         for _ in range(options["steps"]):
             tuner.step()

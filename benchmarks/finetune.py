@@ -232,7 +232,7 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   patch edge (`other_patch_scale`, 128 x 128 for both shipped models; the corrections' 4 stay 192 x
   192): all 155 rounds of the five paintings but erase, on 2026-12-01 late evening, the same Zen 3
   in float32, two processes of one torch thread (so the same starts as `tail-average`). Not
-  adopted for the abdomen (docs/training.md).
+  adopted for the abdomen (docs/finetune-history.md).
 - **small+start-slices**: `other-patches-small` scored with the cardiac clean-up keeping the slices
   the user left alone where the start has LV (`inference.post_process` with the start): the 120
   cardiac rounds of the five paintings but erase, 2026-12-01 late evening, the same Zen 3, two
@@ -256,7 +256,7 @@ one 3D score per case) on the voxels that were **not** painted, before and after
 - **icl-now**, **icl-now-40**: ICL's unlabeled terms on each model's recipe of 2026-12-02,
   confidence-masked at 0.95, in 60 and in 40 steps (40 take about the default's time): `icl-now`
   on 50 rounds of ten cardiac scans, `icl-now-40` on all 155 (the 105 beyond those 50 the same
-  day, later); a lead, not the default (docs/training.md).
+  day, later); a lead, not the default (docs/finetune-history.md).
 - **slice-weight-2**: `end-rules` (the abdomen: `slice-anchor`) with the supervised loss weighted 2
   when the corrections are whole slices (`slice_weight`; strokes keep 1, so only the two
   whole-slice paintings were run: 62 rounds, float32 forced by `CONSISTENT_SEG_PRECISION=float32`
@@ -332,7 +332,7 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   the `start` labels (the Accept of the day before).
 - **classes-anchor-3**: the abdomen model anchored with `anchor_groups="classes"` (each class the
   starting model sees weighs alike; weight 3), the 12 btcv_ct rounds of three paintings, the same
-  evening on the current code (it holds a kidney corrected by erasing on one slice; docs/training.md).
+  evening on the current code (it holds a kidney corrected by erasing on one slice; docs/finetune-history.md).
 - **voxels+classes-anchor-3**: the abdomen model anchored with the mean of the plain and the
   per-class terms (`anchor_groups="voxels+classes"`, weight 3), its 28 rounds, the same evening.
 - **foreground-anchor-3**: the abdomen model anchored with `anchor_groups="foreground"` (organs
@@ -355,7 +355,7 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   not with today's rows.
 - Start Dice bands are of the Dice on the unpainted voxels before fine-tuning.
 - Round times are wall seconds of the steps with two rounds sharing the 2 cores (a Zen 4, bf16);
-  a default round alone on a 10-slice scan: `--timing` (docs/training.md). The btcv_ct rows of
+  a default round alone on a 10-slice scan: `--timing` (docs/finetune-history.md). The btcv_ct rows of
   `default` and its blends were run again on 2026-12-01, after `segment` gained its region search
   (docs/inference.md), which changed their start: on a Zen 3 (float32), one round at a time on 2
   threads, so their times are not comparable with the others.

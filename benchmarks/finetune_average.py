@@ -5,7 +5,7 @@ The trained copy's weights are averaged over the last steps (31-60: "tail"; 1-60
 last step's weights, share 0.5, the default until 2026-12-01). One training per round serves every
 variant; each is scored as the Accept writes it (``segment(..., corrections=(labels, known,
 start))``), Dice change on the unpainted voxels.
-Results and the command: docs/training.md, "Fine-tuning" (2026-12-01). Steps 31-60 at 0.5 became
+Results and the command: docs/finetune-history.md, "Fine-tuning" (2026-12-01). Steps 31-60 at 0.5 became
 the default after the full 124-round run of benchmarks/finetune.py (``average_last`` 0.5).
 
     python benchmarks/finetune_average.py            # about 15 min on 2 cores

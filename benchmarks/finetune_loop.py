@@ -6,7 +6,7 @@ the model card's recipe on every correction so far (as the widget does: its know
 Accepts (corrections win). Scored after each round: Dice (%) on the voxels no round has painted,
 of the first segmentation and of the accepted one, and of the round before (what this round adds).
 ``--fresh``: each round fine-tunes the starting model instead (the fine-tuned weights dropped, as
-Revert drops them). Rows: benchmarks/finetune-loop-rows.csv; results: docs/training.md, "The loop repeated".
+Revert drops them). Rows: benchmarks/finetune-loop-rows.csv; results: docs/training.md, "Where it stands".
 
     CONSISTENT_SEG_PRECISION=float32 python benchmarks/finetune_loop.py --csv rows.csv   # 24 scans, ~25 min a core
     python benchmarks/finetune_loop.py --cases patient030_frame02 --rounds 3 --fresh

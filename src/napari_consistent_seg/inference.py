@@ -642,7 +642,7 @@ def post_process(model: Model, labels: np.ndarray, keep_largest: bool | None = N
     fine-tune's result: the starting model's labels) it also keeps the slices the user left alone
     where the start has LV: a fine-tune does not shorten the heart the user accepted (one that
     learned a solid, cavity-less myocardium on the mid slices had the start's basal slices cut as
-    atrium: acdc patient030 ES, docs/training.md). Nor does it, on those slices, lengthen the heart
+    atrium: acdc patient030 ES, docs/finetune-history.md). Nor does it, on those slices, lengthen the heart
     or widen its end slices (`_held_to_start_heart`).
     ``in_place``: the largest components may be kept in ``labels`` itself (an array of the caller's
     own, such as `infer`'s labels), which saves a copy of the volume.
@@ -698,7 +698,7 @@ def _held_to_start_heart(labels: np.ndarray, painted: np.ndarray, known: np.ndar
     (no known voxel), in place: no heart past the start's first and last heart slices unless the
     user labeled heart past them on that side (`shown_heart_slices`), and on those two end slices no
     heart where the start has background (the fine-tune may shrink or relabel them). Measured on the
-    110 acdc and mnms2 rounds from two seeds (docs/training.md): rounds grew heart on two slices
+    110 acdc and mnms2 rounds from two seeds (docs/finetune-history.md): rounds grew heart on two slices
     above mnms2 001's end-systolic base (-8.2 points) and widened the RV on acdc patient030's basal
     slice (-1.1 and -1.5); with the rule no round lost more than a point, and the mean gain moved by
     0.03 points or less. (A slice whose LV the fine-tune collapsed is the clean-up's to mend.)"""
@@ -933,7 +933,7 @@ def apply_corrections(prediction: np.ndarray, labels: np.ndarray, known: np.ndar
     myocardium). A fine-tune learns only from what the user labeled; without this it lost classes
     nobody corrected (btcv_ct case_17 with two painted slices, neither through the spleen: spleen
     Dice 90 -> 65 %), and a class erased on one slice shrank or moved elsewhere (the left kidney of
-    case_17 erased on one slice: 10,299 -> 861 voxels; docs/training.md)."""
+    case_17 erased on one slice: 10,299 -> 861 voxels; docs/finetune-history.md)."""
     known = np.asarray(known, bool)
     out = np.where(known, labels, prediction).astype(prediction.dtype, copy=False)
     if start is None:

@@ -192,7 +192,7 @@ class Finetuner:
     starting and the trained network, as WiSE-FT) when every corrected slice is known whole (at
     least ``WHOLE_SLICE_SHARE`` of its voxels);
     ``stroke_blend`` the share when the corrections are strokes (a slice known in part: brush dabs
-    paint one label over their disk, right or wrong, so they are trusted less; docs/training.md).
+    paint one label over their disk, right or wrong, so they are trusted less; docs/finetune-history.md).
     ``stroke_anchor`` and ``stroke_anchor_groups`` replace ``anchor`` and ``anchor_groups`` in a
     round of strokes (``self.anchor``, ``self.anchor_groups``: those in use).
     ``self.blend`` is the share in use. ``slice_weight`` weighs the supervised loss when every
@@ -325,7 +325,7 @@ class Finetuner:
         M&Ms-2 ES (-11.9 points). Decided once on the slices as they are, not on the augmented
         patches: there the start's labels, resampled nearest, and the teacher's call on the
         interpolated image part along every boundary, and holding those voxels moved every boundary
-        of acdc patient030 ED (two worst slices: +3.2 points -> -1.6; docs/training.md). Only with
+        of acdc patient030 ED (two worst slices: +3.2 points -> -1.6; docs/finetune-history.md). Only with
         the cardiac clean-up (``has_start``), the one that adds; the shipped cardiac model does not
         resample slices in-plane. The abdomen model does, and its start resampled to the model's
         grid parts from the teacher's call along boundaries too (btcv_ct case_14: 11,441 voxels)."""
@@ -342,7 +342,7 @@ class Finetuner:
         On the CPU it runs on the cores other processes leave idle (`inference_threads`, read again
         every 2 s): torch's threads wait for each other after every operation, so one the kernel parks
         stalls the rest; beside two busy processes on a 2-core CPU a round took 200 s on 2 threads and
-        112 s on 1 (docs/training.md, *Beside other work*)."""
+        112 s on 1 (docs/finetune-history.md, *Beside other work*)."""
         with _cpu_threads(self.device):
             return self._step()
 
@@ -374,7 +374,7 @@ class Finetuner:
     def _mixed_precision(self):
         """bf16 autocast for the forward passes on a CPU with native bf16 (as inference), else float32:
         a default round on a 10-slice scan on one thread took 35.6 s in float32 and 22.0 s in bf16,
-        with the same gain (+2.15 / +1.96 Dice points; docs/training.md). The losses, weights,
+        with the same gain (+2.15 / +1.96 Dice points; docs/finetune-history.md). The losses, weights,
         gradients and optimiser stay float32."""
         if self.precision == "bfloat16":
             return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -525,7 +525,7 @@ def most_changed_slices(start: np.ndarray, result: np.ndarray, known: np.ndarray
     """Where a fine-tune's ``result`` differs most from the ``start`` segmentation off the ``known``
     voxels: up to ``top`` (slice, voxels) pairs, most first, slices along axis -3 (napari's slider
     for a scan, the phases of a cine summed), none unchanged. What a user should look at after
-    Accept: a fine-tune may grow heart above the base on a slice nobody corrected (docs/training.md,
+    Accept: a fine-tune may grow heart above the base on a slice nobody corrected (docs/finetune-history.md,
     *Scored on every slice*)."""
     changed = (np.asarray(start) != np.asarray(result)) & ~np.asarray(known, bool)
     per_slice = changed.reshape(-1, *changed.shape[-3:]).sum(axis=(0, 2, 3))

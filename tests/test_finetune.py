@@ -15,6 +15,7 @@ from napari_consistent_seg.training import losses
 from napari_consistent_seg.training.finetune import (
     DEFAULTS,
     Finetuner,
+    check_painted,
     _one_batch,
     anchor_loss,
     ICLFinetuner,
@@ -173,6 +174,25 @@ def test_cli_finetune_writes_the_segmentation_and_a_loadable_model(tmp_path, tin
     wrong = save_nifti(painted[:3], Geometry.from_spacing((4.0, 1.5, 1.5), (3, 48, 56)), tmp_path / "w.nii.gz")
     assert main(["finetune", str(image_path), str(wrong), "--model", str(tiny_model_path), "-o", str(out)]) == 2
     assert "grid" in capsys.readouterr().err
+    # a float label file: NaN or fractions are refused, not cast to classes (exit 2, nothing written)
+    for name, value, message in [("nan", np.nan, "NaN"), ("half", 2.5, "whole numbers")]:
+        bad = painted.astype(np.float32)
+        bad[2, 20, 20] = value
+        path = save_nifti(bad, geometry, tmp_path / f"{name}.nii.gz", is_label=False)
+        assert main(["finetune", str(image_path), str(path), "--model", str(tiny_model_path),
+                     "-o", str(tmp_path / name)]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / name).exists()
+
+
+def test_check_painted_says_what_is_wrong(tiny_model_path):
+    model = load_model(tiny_model_path)
+    k = model.backbone.out_channels
+    assert check_painted(np.array([[0.0, 1.0]]), model).dtype == np.int64
+    for labels, message in [(np.array([np.inf]), "NaN or infinite"), (np.array([0.5]), "0.5"),
+                            (np.array([k]), f"0..{k - 1}"), (np.array([-1]), "found -1"),
+                            (np.array(["a"]), "whole numbers")]:
+        with pytest.raises(ConsistentSegError, match=message):
+            check_painted(labels, model)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from napari_consistent_seg.errors import ConsistentSegError, ShapeMismatchError,
 from napari_consistent_seg.io import (
     PHANTOM_CLASSES,
     Geometry,
+    load_labels,
     load_volume,
     make_phantom,
     save_nifti,
@@ -292,6 +293,19 @@ def test_nan_is_replaced_by_the_minimum_with_warning(tmp_path):
     all_nan = np.full((2, 2, 2), np.nan, np.float32)
     with pytest.raises(VolumeReadError, match="NaN"):
         load_volume(_write_nifti(tmp_path / "all_nan.nii.gz", all_nan, np.eye(4)))
+
+
+def test_a_label_file_with_nan_fractions_or_negatives_is_refused_not_guessed(tmp_path):
+    labels = np.zeros((2, 3, 4), np.float32)
+    labels[1, 1, 1:3] = 2
+    volume = load_labels(_write_nifti(tmp_path / "ok.nii.gz", labels, np.eye(4)))
+    assert volume.is_label and volume.data.dtype == np.uint8 and volume.data.max() == 2
+    for name, value, message in [("nan", np.nan, "1 NaN or infinite voxels"), ("inf", np.inf, "infinite"),
+                                 ("half", 1.5, "whole numbers"), ("negative", -1, "negative")]:
+        bad = labels.copy()
+        bad[0, 0, 0] = value
+        with pytest.raises(VolumeReadError, match=f"{name}.nii.gz.*{message}"):
+            load_labels(_write_nifti(tmp_path / f"{name}.nii.gz", bad, np.eye(4)), "the corrections")
 
 
 def test_hu_ct_gets_soft_tissue_window(shared_data):

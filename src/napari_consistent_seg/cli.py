@@ -141,17 +141,18 @@ def cmd_finetune(args) -> int:
     import torch
 
     from .inference import segment
-    from .io import load_volume, save_nifti
+    from .io import load_labels, load_volume, save_nifti
     from .models.store import load_model, save_model
-    from .training.finetune import finetune, model_slices, most_changed_slices, recipe, slices_text, whole_slice_known
+    from .training.finetune import (check_painted, finetune, model_slices, most_changed_slices, recipe, slices_text,
+                                     whole_slice_known)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     volume = load_volume(args.image, modality=args.modality)
-    painted = load_volume(args.painted).data
-    # painted slices as napari shows them (the scan's own slices), before any change of plane
-    known = whole_slice_known(painted) if args.known is None else load_volume(args.known).data != 0
     model = load_model(args.model)
+    painted = check_painted(load_labels(args.painted, "the corrections").data, model)
+    # painted slices as napari shows them (the scan's own slices), before any change of plane
+    known = whole_slice_known(painted) if args.known is None else load_labels(args.known, "a known mask").data != 0
     # the starting model's segmentation: the anchor holds what its clean-up added to the network's call,
     # and the classes the user labeled on no known voxel keep it
     start = segment(model, volume, device=args.device).data
@@ -166,7 +167,7 @@ def cmd_finetune(args) -> int:
         bar.n = done
         bar.refresh()
 
-    tuner = finetune(model, image, labels.astype(np.int64), known_slices, steps=steps, seconds=args.seconds,
+    tuner = finetune(model, image, labels, known_slices, steps=steps, seconds=args.seconds,
                      spacing_mm=spacing, modality=volume.modality, device=args.device, progress=progress,
                      method=args.method, start=start_slices)
     bar.close()
@@ -192,7 +193,7 @@ def cmd_finetune(args) -> int:
 
 # ---- evaluate -------------------------------------------------------------------------------
 def cmd_evaluate(args) -> int:
-    from .io import load_volume
+    from .io import load_labels
     from .metrics import evaluate_labels, format_table, summarise, write_csv
 
     preds = expand_inputs(args.predictions)
@@ -208,7 +209,7 @@ def cmd_evaluate(args) -> int:
         if not ref_path.exists():
             print(f"skipped {pred_path.name}: no reference {ref_path}", file=sys.stderr)
             continue
-        pred, ref = load_volume(pred_path), load_volume(ref_path)
+        pred, ref = load_labels(pred_path, "a segmentation"), load_labels(ref_path, "a reference segmentation")
         found = set(np.unique(ref.data).tolist()) | set(np.unique(pred.data).tolist())
         case_classes = classes or {int(k): f"label {int(k)}" for k in sorted(found) if k > 0}
         case_rows = evaluate_labels(pred.data, ref.data, case_classes, ref.spacing_mm)

@@ -2,6 +2,6 @@
 
 from .nifti import save_nifti
 from .phantom import PHANTOM_CLASSES, make_phantom
-from .volume import Geometry, Volume, load_volume
+from .volume import Geometry, Volume, load_labels, load_volume
 
-__all__ = ["Geometry", "PHANTOM_CLASSES", "Volume", "load_volume", "make_phantom", "save_nifti"]
+__all__ = ["Geometry", "PHANTOM_CLASSES", "Volume", "load_labels", "load_volume", "make_phantom", "save_nifti"]

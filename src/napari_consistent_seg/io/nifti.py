@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..errors import ConsistentSegError, VolumeReadError
+from ..errors import ConsistentSegError, InvalidInputError, VolumeReadError
 from .volume import Geometry, Volume, volume_from_source
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -239,19 +239,17 @@ def save_nifti(array_zyx, geometry: Geometry, path, *, is_label: bool = True) ->
     return path
 
 
-def _label_array(array: np.ndarray) -> np.ndarray:
-    """Smallest unsigned integer array that holds the labels; non-integer or negative labels raise."""
+def _label_array(array: np.ndarray, what: str = "Label arrays",
+                 fix: str = "save this array as an image (is_label=False)") -> np.ndarray:
+    """Smallest unsigned integer array that holds the labels; non-integer or negative labels raise
+    InvalidInputError (``what`` names the array, ``fix`` says what to do about fractions)."""
     if array.dtype == bool:
         return array.astype(np.uint8)
     if not np.issubdtype(array.dtype, np.integer):
         if not np.array_equal(array, np.round(array)):
-            raise ConsistentSegError(
-                "Label arrays must hold whole numbers: save this array as an image (is_label=False)."
-            )
+            raise InvalidInputError(f"{what} must hold whole numbers (class values): {fix}.")
     lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
     if lo < 0:
-        raise ConsistentSegError(
-            f"Label arrays cannot hold negative values (minimum {lo}): relabel them from 0 first."
-        )
+        raise InvalidInputError(f"{what} cannot hold negative values (minimum {lo}): relabel them from 0 first.")
     dtype = np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.uint32
     return array.astype(dtype, copy=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff
 
-from ..errors import ConsistentSegError, ShapeMismatchError, VolumeReadError
+from ..errors import ConsistentSegError, InvalidInputError, ShapeMismatchError, VolumeReadError
 
 MODALITIES = ("CT", "MR", "unknown")
 PLANES = ("axial", "coronal", "sagittal")
@@ -334,6 +334,26 @@ def load_volume(path, *, modality: str | None = None) -> Volume:
     return volume
 
 
+def load_labels(path, what: str = "a label file") -> Volume:
+    """Read a label map (a segmentation, a user's corrections, a known mask) as `load_volume` does,
+    as unsigned integers. Where an image's NaN or infinite voxels are replaced (with a warning), a
+    label file's are refused, as are fractions and negative values: VolumeReadError saying which
+    file and what to do. ``what`` names the file's role in the message."""
+    from .nifti import _label_array  # nifti builds on this module
+
+    volume = load_volume(path)
+    fix = f"save {Path(path).name} again as labels (e.g. from napari's Labels layer)"
+    if volume.meta.get("non_finite_voxels"):
+        raise VolumeReadError(f"{path} is {what}, but it holds {volume.meta['non_finite_voxels']} NaN or infinite "
+                              f"voxels: {fix}.")
+    try:
+        volume.data = _label_array(volume.data, what=f"{path} ({what})", fix=fix)
+    except InvalidInputError as error:
+        raise VolumeReadError(str(error)) from error
+    volume.is_label = True
+    return volume
+
+
 def volume_from_source(
     data_ijk: np.ndarray,
     source_affine: np.ndarray,
@@ -352,7 +372,7 @@ def volume_from_source(
     meta.setdefault("warnings", [])
     data_ijk = _native_byte_order(data_ijk)
     if np.issubdtype(data_ijk.dtype, np.floating):
-        data_ijk = _replace_non_finite(data_ijk, meta["warnings"], name)
+        data_ijk = _replace_non_finite(data_ijk, meta, name)
     is_label = looks_like_labels(data_ijk)
     if modality is None:
         modality = guess_modality(data_ijk, path)
@@ -429,15 +449,18 @@ def _native_byte_order(data: np.ndarray) -> np.ndarray:
     return data
 
 
-def _replace_non_finite(data: np.ndarray, warnings: list, name: str) -> np.ndarray:
+def _replace_non_finite(data: np.ndarray, meta: dict, name: str) -> np.ndarray:
+    """NaN and infinite voxels replaced by the finite extremes; their count in meta["non_finite_voxels"]
+    (`load_labels` refuses them) and a line in meta["warnings"]."""
     finite = np.isfinite(data)
     n_bad = int(data.size - np.count_nonzero(finite))
     if n_bad == 0:
         return data
     if n_bad == data.size:
         raise VolumeReadError(f"{name}: every voxel is NaN or infinite; the file holds no image.")
+    meta["non_finite_voxels"] = n_bad
     lo, hi = float(data[finite].min()), float(data[finite].max())
-    warnings.append(
+    meta["warnings"].append(
         f"{name}: {n_bad} NaN/infinite voxels replaced by the finite minimum {lo:g} "
         f"(+inf by the maximum {hi:g})."
     )

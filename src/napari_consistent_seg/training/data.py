@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..errors import ConsistentSegError
 from ..inference import inplane_size
 from ..intensity import normalise_intensity
-from ..io import load_volume
+from ..io import load_labels, load_volume
 
 
 @dataclass
@@ -126,7 +126,7 @@ def load_cases(root, source: Source, normalisation: dict, target_spacing_yx=None
         if with_labels:
             if case.label is None:
                 raise ConsistentSegError(f"{case.name}: no label file, but the config uses it as labeled")
-            labels = map_labels(load_volume(case.label).data, source.label_map)
+            labels = map_labels(load_labels(case.label, f"{case.name}'s labels").data, source.label_map)
         spacing = vol.geometry.spacing_mm
         image, labels = resample_inplane(image, labels, spacing, target_spacing_yx)
         if target_spacing_yx:

@@ -228,25 +228,16 @@ class Finetuner:
         for key in given:
             _check(key, chosen[key])
         image = np.asarray(image)
-        labels = np.asarray(labels)
         if image.ndim != 3 or not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
             raise InvalidInputError(
                 f"fine-tuning takes a (Z, Y, X) volume of real numbers, not an array of shape "
                 f"{image.shape} and type {image.dtype}: pass one 3D scan (one phase of a cine)"
             )
-        if labels.dtype != bool and (not np.issubdtype(labels.dtype, np.number) or np.iscomplexobj(labels)
-                                     or not np.array_equal(labels, np.round(labels))):
-            raise InvalidInputError(f"painted labels must be whole numbers (class values), not {labels.dtype} values")
+        labels, k = check_painted(labels, model), model.backbone.out_channels
         if image.shape != labels.shape:
             raise ShapeMismatchError(
                 f"the painted labels {labels.shape} do not match the image {image.shape}: "
                 "paint in a Labels layer made for this image"
-            )
-        k = model.backbone.out_channels
-        if labels.min() < 0 or labels.max() >= k:
-            raise ConsistentSegError(
-                f"painted label values must be 0..{k - 1} (the classes of model {model.name!r}); "
-                f"found {int(labels.min())}..{int(labels.max())}"
             )
         known = whole_slice_known(labels) if known is None else np.asarray(known).astype(bool)
         if known.shape != image.shape:
@@ -492,6 +483,30 @@ def finetune(model: Model, image: np.ndarray, labels: np.ndarray, known: np.ndar
         if seconds and tuner.elapsed_s >= seconds:
             break
     return tuner
+
+
+def check_painted(labels, model: Model) -> np.ndarray:
+    """``labels`` as int64 class values of ``model``, or an error that says what is wrong with them:
+    not whole numbers (a float file with fractions, NaN or infinity) or outside 0..K-1. Callers that
+    resample the labels (`model_slices`) check them first, so nothing is rounded or cast silently."""
+    labels = np.asarray(labels)
+    if labels.dtype != bool:
+        if not np.issubdtype(labels.dtype, np.number) or np.iscomplexobj(labels):
+            raise InvalidInputError(f"painted labels must be whole numbers (class values), not {labels.dtype} values")
+        if not np.issubdtype(labels.dtype, np.integer):
+            if not np.isfinite(labels).all():
+                raise InvalidInputError("painted labels hold NaN or infinite values: save the corrections as a "
+                                        "label image (whole numbers, e.g. from napari's Labels layer)")
+            if not np.array_equal(labels, np.round(labels)):
+                raise InvalidInputError("painted labels must be whole numbers (class values); these hold fractions "
+                                        f"(e.g. {labels[labels != np.round(labels)].flat[0]:g})")
+    k = model.backbone.out_channels
+    if labels.size and (labels.min() < 0 or labels.max() >= k):
+        raise ConsistentSegError(
+            f"painted label values must be 0..{k - 1} (the classes of model {model.name!r}); "
+            f"found {labels.min():g}..{labels.max():g}"
+        )
+    return labels.astype(np.int64)
 
 
 def model_slices(model: Model, volume: Volume, *arrays):

@@ -84,6 +84,10 @@ def test_bad_inputs_raise_our_errors():
     vol[0, 0, 0] = LV
     with pytest.raises(ConsistentSegError, match="same phase"):
         cardiac_function([vol, vol], ed=0, es=0)
+    one_slice = np.zeros((1, 4, 4), np.uint8)
+    one_slice[0, 1:3, 1:3] = LV
+    with pytest.raises(ConsistentSegError, match="one slice"):
+        cardiac_function([one_slice, one_slice * 0 + LV])
 
 
 def test_labels_from_model_classes():

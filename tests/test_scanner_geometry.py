@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from napari_consistent_seg.cli import main as cli_main
-from napari_consistent_seg.errors import VolumeReadError
-from napari_consistent_seg.inference import segment
+from napari_consistent_seg.cardiac import cine_function
+from napari_consistent_seg.errors import ConsistentSegError, VolumeReadError
+from napari_consistent_seg.inference import ONE_SLICE_HEART, segment
 from napari_consistent_seg.io import Geometry, load_volume, save_nifti
 from napari_consistent_seg.metrics import dice
 from napari_consistent_seg.models.store import load_model
@@ -141,8 +142,14 @@ def test_mnms2_oblique_short_axis_and_long_axis_cine(shared_data, cardiac_model)
     reference = load_volume(shared_data / "mnms2" / "labels" / "001_SA_ED.nii.gz")
     labels = segment(cardiac_model, image)
     assert _mean_dice(labels.data, reference.data) > 0.75  # measured 0.84 (0.001 slicing along the old "z")
+    assert ONE_SLICE_HEART not in labels.meta["warnings"]
     long_axis = load_volume(shared_data / "mnms2" / "images" / "001_LA_CINE.nii.gz")
     assert long_axis.n_phases == 25 and long_axis.shape[1] == 1
+    # the short-axis model on the 4-chamber view: a warning, and no volumes from one slice
+    four_chamber = segment(cardiac_model, load_volume(shared_data / "mnms2" / "images" / "001_LA_ED.nii.gz"))
+    assert ONE_SLICE_HEART in four_chamber.meta["warnings"]
+    with pytest.raises(ConsistentSegError, match="stack of short-axis slices"):
+        cine_function(cardiac_model, long_axis, progress=lambda done, total: pytest.fail("segmented first"))
 
 
 def test_sagittal_acquisition_opens_sagittal_and_an_axial_model_slices_axially(shared_data):

@@ -173,6 +173,7 @@ def test_segment_warns_when_the_model_was_not_trained_on_the_modality(qtbot, tin
     widget.run()
     wait_done(qtbot, widget)
     assert any(level == "warning" and "not CT" in text for level, text in messages)
+    assert "Warning: model" in widget.runner.status.text() and "not CT" in widget.runner.status.text()  # it stays
 
 
 def test_segment_bad_choices_say_so_and_change_nothing(qtbot, tiny_model, messages, tmp_path):

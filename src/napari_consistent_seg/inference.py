@@ -791,6 +791,12 @@ def model_plane(model: Model) -> str:
     return model.card.plane or "axial"
 
 
+#: What `segment` warns when a cardiac model (trained on short-axis stacks) is given one slice: on
+#: M&Ms-2's 4-chamber long-axis ED frame it calls 168 LV voxels where the experts drew 1,147, none on them.
+ONE_SLICE_HEART = ("the scan has one slice: a cardiac model segments stacks of short-axis slices; on a long-axis "
+                   "view (2-, 3- or 4-chamber) it finds little or no heart, and what it finds is not reliable")
+
+
 def model_view(model: Model, volume: Volume) -> Geometry:
     """The geometry whose axis 0 runs along the model's slicing plane, on the volume's source grid."""
     return volume.geometry.view(model_plane(model))
@@ -857,6 +863,8 @@ def segment(
         else:
             labels[t] = result
         warnings.extend(w for w in prepared.warnings if w not in warnings)
+        if model.card.cardiac_cleanup and n_slices == 1 and ONE_SLICE_HEART not in warnings:
+            warnings.append(ONE_SLICE_HEART)
         if return_probabilities:
             probs = restore(prepared, inferred.probabilities)
             if t is None:

@@ -79,4 +79,5 @@ class SegmentWidget(ModelTaskWidget):
                     contrast_limits=(0.0, 1.0), blending="additive", visible=False, **context["grid"],
                 ))
         found = ", ".join(name for value, name in model.classes.items() if value and present[value]) or "nothing"
-        self.runner.status.setText(f"Added {labels.name!r}: found {found}.")
+        warned = "".join(f" Warning: {w}." for w in labels_volume.meta["warnings"])  # notifications fade; this stays
+        self.runner.status.setText(f"Added {labels.name!r}: found {found}.{warned}")

@@ -174,6 +174,16 @@ def test_cli_finetune_writes_the_segmentation_and_a_loadable_model(tmp_path, tin
     wrong = save_nifti(painted[:3], Geometry.from_spacing((4.0, 1.5, 1.5), (3, 48, 56)), tmp_path / "w.nii.gz")
     assert main(["finetune", str(image_path), str(wrong), "--model", str(tiny_model_path), "-o", str(out)]) == 2
     assert "grid" in capsys.readouterr().err
+    # the corrections written by a tool that lost the header (identity affine): taken in the scan's file
+    # order, with a warning, so the strokes land where they were painted
+    import nibabel as nib
+
+    lost = tmp_path / "lost.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(painted_path).dataobj), np.eye(4)), lost)
+    assert main(["finetune", str(image_path), str(lost), "--model", str(tiny_model_path), "--known", str(known_path),
+                 "--steps", "1", "-o", str(tmp_path / "lost")]) == 0
+    assert "elsewhere than the scan" in capsys.readouterr().err
+    assert (load_volume(tmp_path / "lost" / "scan.nii.gz").data[2, 20, 20:30] == 3).all()
     # a float label file: NaN or fractions are refused, not cast to classes (exit 2, nothing written)
     for name, value, message in [("nan", np.nan, "NaN"), ("half", 2.5, "whole numbers")]:
         bad = painted.astype(np.float32)

@@ -12,9 +12,9 @@ import pytest
 
 from napari_consistent_seg.cli import main as cli_main
 from napari_consistent_seg.cardiac import cine_function
-from napari_consistent_seg.errors import ConsistentSegError, VolumeReadError
+from napari_consistent_seg.errors import ConsistentSegError, ShapeMismatchError, VolumeReadError
 from napari_consistent_seg.inference import ONE_SLICE_HEART, segment
-from napari_consistent_seg.io import Geometry, load_volume, save_nifti
+from napari_consistent_seg.io import Geometry, load_labels, load_volume, save_nifti
 from napari_consistent_seg.metrics import dice
 from napari_consistent_seg.models.store import load_model
 
@@ -150,6 +150,27 @@ def test_mnms2_oblique_short_axis_and_long_axis_cine(shared_data, cardiac_model)
     assert ONE_SLICE_HEART in four_chamber.meta["warnings"]
     with pytest.raises(ConsistentSegError, match="stack of short-axis slices"):
         cine_function(cardiac_model, long_axis, progress=lambda done, total: pytest.fail("segmented first"))
+
+
+def test_labels_on_a_scan_trust_a_header_that_agrees_and_not_one_that_does_not(shared_data, tmp_path):
+    """M&Ms-2's oblique short-axis labels, as their file has them, stored in RAS order (another
+    axis order, the same place), written with an identity affine (a tool that lost the header), and
+    those of the long-axis view (another grid)."""
+    scan = load_volume(shared_data / "mnms2" / "images" / "001_SA_ED.nii.gz")
+    source = nib.load(shared_data / "mnms2" / "labels" / "001_SA_ED.nii.gz")
+    truth = load_labels(shared_data / "mnms2" / "labels" / "001_SA_ED.nii.gz", on=scan)
+    assert truth.geometry == scan.geometry and not truth.meta["warnings"]
+    canonical = tmp_path / "canonical.nii.gz"
+    nib.save(nib.as_closest_canonical(source), canonical)
+    placed = load_labels(canonical, on=scan)
+    assert np.array_equal(placed.data, truth.data) and not placed.meta["warnings"]
+    lost = tmp_path / "lost.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(source.dataobj), np.eye(4)), lost)
+    assert not np.array_equal(load_labels(lost).data, truth.data)  # read alone, its header reorders it
+    taken = load_labels(lost, "the corrections", on=scan)
+    assert np.array_equal(taken.data, truth.data) and "elsewhere than the scan" in taken.meta["warnings"][0]
+    with pytest.raises(ShapeMismatchError, match="001_LA_ED.*not on the scan's grid"):
+        load_labels(shared_data / "mnms2" / "labels" / "001_LA_ED.nii.gz", on=scan)
 
 
 def test_sagittal_acquisition_opens_sagittal_and_an_axial_model_slices_axially(shared_data):

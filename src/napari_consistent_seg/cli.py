@@ -150,9 +150,13 @@ def cmd_finetune(args) -> int:
         torch.set_num_threads(args.threads)
     volume = load_volume(args.image, modality=args.modality)
     model = load_model(args.model)
-    painted = check_painted(load_labels(args.painted, "the corrections").data, model)
+    painted = load_labels(args.painted, "the corrections", on=volume)
     # painted slices as napari shows them (the scan's own slices), before any change of plane
-    known = whole_slice_known(painted) if args.known is None else load_labels(args.known, "a known mask").data != 0
+    known = None if args.known is None else load_labels(args.known, "a known mask", on=volume)
+    for warning in painted.meta["warnings"] + ([] if known is None else known.meta["warnings"]):
+        print(f"warning: {warning}", file=sys.stderr)
+    painted = check_painted(painted.data, model)
+    known = whole_slice_known(painted) if known is None else known.data != 0
     # the starting model's segmentation: the anchor holds what its clean-up added to the network's call,
     # and the classes the user labeled on no known voxel keep it
     start = segment(model, volume, device=args.device).data
@@ -209,7 +213,10 @@ def cmd_evaluate(args) -> int:
         if not ref_path.exists():
             print(f"skipped {pred_path.name}: no reference {ref_path}", file=sys.stderr)
             continue
-        pred, ref = load_labels(pred_path, "a segmentation"), load_labels(ref_path, "a reference segmentation")
+        ref = load_labels(ref_path, "a reference segmentation")
+        pred = load_labels(pred_path, "a segmentation", on=ref)
+        for warning in pred.meta["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
         found = set(np.unique(ref.data).tolist()) | set(np.unique(pred.data).tolist())
         case_classes = classes or {int(k): f"label {int(k)}" for k in sorted(found) if k > 0}
         case_rows = evaluate_labels(pred.data, ref.data, case_classes, ref.spacing_mm)

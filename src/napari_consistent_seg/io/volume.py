@@ -334,11 +334,17 @@ def load_volume(path, *, modality: str | None = None) -> Volume:
     return volume
 
 
-def load_labels(path, what: str = "a label file") -> Volume:
+def load_labels(path, what: str = "a label file", on: Volume | None = None) -> Volume:
     """Read a label map (a segmentation, a user's corrections, a known mask) as `load_volume` does,
     as unsigned integers. Where an image's NaN or infinite voxels are replaced (with a warning), a
     label file's are refused, as are fractions and negative values: VolumeReadError saying which
-    file and what to do. ``what`` names the file's role in the message."""
+    file and what to do. ``what`` names the file's role in the message.
+
+    ``on``: the scan the labels belong to; they are returned on its grid. A header that places them
+    where the scan lies (volume-order affines within 0.01 mm; the file may store its axes in another
+    order) is trusted. One that places them elsewhere on a grid of the scan's file shape (a tool that
+    wrote the array with an identity or default affine) is not: the voxels are taken in the scan's
+    file order, as written, and meta["warnings"] says so. Any other grid raises ShapeMismatchError."""
     from .nifti import _label_array  # nifti builds on this module
 
     volume = load_volume(path)
@@ -351,7 +357,29 @@ def load_labels(path, what: str = "a label file") -> Volume:
     except InvalidInputError as error:
         raise VolumeReadError(str(error)) from error
     volume.is_label = True
-    return volume
+    return volume if on is None else _labels_on(volume, on, f"{path} ({what})")
+
+
+def _labels_on(labels: Volume, scan: Volume, name: str) -> Volume:
+    """``labels`` on ``scan``'s grid (`load_labels`' ``on``)."""
+    mine, theirs = labels.geometry, scan.geometry
+    if labels.data.ndim != scan.data.ndim:
+        raise ShapeMismatchError(f"{name} has shape {labels.shape}, the scan {scan.shape}: a label map needs the "
+                                 "scan's phases")
+    if mine.shape_zyx == theirs.shape_zyx and np.allclose(mine.affine, theirs.affine, rtol=0, atol=0.01):
+        data, warnings = labels.data, []
+    elif mine.source_shape == theirs.source_shape and labels.shape[:-3] == scan.shape[:-3]:
+        data = theirs.from_source(mine.to_source(labels.data))
+        warnings = [f"{name}: its header places it elsewhere than the scan (voxel (0, 0, 0) at "
+                    f"{np.round(mine.source_affine[:3, 3], 1).tolist()} mm, the scan's at "
+                    f"{np.round(theirs.source_affine[:3, 3], 1).tolist()}); its voxels were taken in the scan's "
+                    "file order, as written"]
+    else:
+        raise ShapeMismatchError(f"{name} is not on the scan's grid: {mine.source_shape} voxels in the file against "
+                                 f"the scan's {theirs.source_shape}: save the labels on the scan's grid "
+                                 "(e.g. from napari's Labels layer made for it)")
+    return scan.with_data(data, name=labels.name, is_label=True,
+                          meta={**labels.meta, "warnings": labels.meta.get("warnings", []) + warnings})
 
 
 def volume_from_source(

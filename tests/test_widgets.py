@@ -269,6 +269,27 @@ def test_evaluate_mismatched_shapes_say_so(qtbot, messages):
     assert not widget.run() and "same layer" in messages[-1][1]
 
 
+def test_evaluate_refuses_a_layer_whose_file_header_puts_it_elsewhere(qtbot, messages):
+    """Both read from files (our geometry in their metadata), same shape, different places: a label file
+    written with an identity affine. Layers made in napari carry no such geometry and are taken as shown."""
+    viewer = ViewerModel()
+    shape = (4, 20, 20)
+    for name, geometry in [("reference", Geometry.from_spacing(SPACING, shape)),
+                           ("prediction", Geometry.from_source_grid(np.eye(4), shape[::-1]))]:
+        assert geometry.shape_zyx == shape
+        viewer.add_labels(np.zeros(shape, np.uint8), name=name, metadata={METADATA_KEY: {"geometry": geometry.to_dict()}})
+    widget = EvaluateWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.prediction.set_layer(viewer.layers["prediction"])
+    widget.reference.set_layer(viewer.layers["reference"])
+    assert not widget.run()
+    assert "does not lie where 'reference' does" in messages[-1][1] and "consistent-seg evaluate" in messages[-1][1]
+    viewer.layers["prediction"].metadata = {}
+    viewer.layers["prediction"].data[0, 0, 0] = 1
+    assert widget.run()  # made in napari: as shown
+    wait_done(qtbot, widget)
+
+
 # -- Fine-tune: tests/test_finetune_widget.py --
 
 

@@ -13,7 +13,7 @@ from ..errors import ConsistentSegError
 from ..metrics import evaluate_labels, summarise, write_csv
 from ._widget_common import LayerPicker, button, class_names_of, export_csv_dialog, notify, row
 from ._workers import TaskRunner
-from .layers import geometry_from_layer
+from .layers import geometry_from_layer, misplaced
 
 # (row key, header, factor, decimals)
 COLUMNS = (("class", "Class", None, 0), ("dice", "Dice (%)", 100.0, 1), ("hd95_mm", "HD95 (mm)", 1.0, 2),
@@ -60,6 +60,8 @@ class EvaluateWidget(QWidget):
         elif pred_layer.data.shape != ref_layer.data.shape:
             problem = (f"{pred_layer.name!r} has shape {pred_layer.data.shape} but {ref_layer.name!r} has "
                        f"{ref_layer.data.shape}: both must lie on the same grid (same scan).")
+        else:
+            problem = misplaced(pred_layer, ref_layer, "evaluate")
         if problem:
             notify(problem, "warning", self.runner.status)
             return False

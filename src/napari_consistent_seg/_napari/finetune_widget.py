@@ -33,7 +33,7 @@ from ._widget_common import (
     stack,
 )
 from ._workers import TaskRunner
-from .layers import METADATA_KEY
+from .layers import METADATA_KEY, misplaced
 
 # torch.optim imports torch._dynamo (and sympy) on first use: seconds of module compiling that,
 # in the worker, would hold the GIL and stall the GUI. Imported above, while the widget opens.
@@ -198,6 +198,9 @@ class FinetuneWidget(QWidget):
             if painted_layer.data.shape != volume.data.shape:
                 raise ConsistentSegError(f"{painted_layer.name!r} has shape {painted_layer.data.shape}, the "
                                          f"image {volume.data.shape}: correct a layer of the image's grid.")
+            problem = misplaced(painted_layer, layer, "finetune")
+            if problem:
+                raise ConsistentSegError(problem)
             known = self.known_of(painted_layer)
             labels = np.array(painted_layer.data)  # a copy: the user may keep painting while it trains
             whole_slices = known is None

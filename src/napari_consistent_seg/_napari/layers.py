@@ -99,6 +99,24 @@ def geometry_from_layer(layer) -> Geometry:
     return _geometry(shape_zyx, layer.scale, stored)
 
 
+def misplaced(layer, other, command: str) -> str | None:
+    """What to tell the user when ``layer`` (labels) and ``other`` (the scan, or a reference) were both
+    read from files whose headers put them in different places, although their shapes agree: a label
+    file written with an identity or default affine, whose voxels napari then shows in another order.
+    None when they agree, or when either was made in napari (it lies where the user painted it).
+    ``command``: the CLI command that takes such a file's voxels in the scan's file order."""
+    stored = [(lay.metadata or {}).get(METADATA_KEY, {}).get("geometry") for lay in (layer, other)]
+    if None in stored:
+        return None
+    mine, theirs = (Geometry.from_dict(g) for g in stored)
+    fits = [g.shape_zyx == tuple(np.shape(lay.data)[-3:]) for g, lay in ((mine, layer), (theirs, other))]
+    if not all(fits) or mine.same_place(theirs):  # a geometry that no longer fits its layer is not used
+        return None
+    return (f"{layer.name!r} does not lie where {other.name!r} does: the header of its file places it elsewhere, "
+            "so its voxels may be in another order (napari shows it so). Save it again with the scan's header, or "
+            f"use `consistent-seg {command}`, which takes such a file's voxels in the scan's file order.")
+
+
 def modality_from_layer(layer) -> str:
     """'CT', 'MR' or 'unknown', as recorded when the layer was read."""
     return (layer.metadata or {}).get(METADATA_KEY, {}).get("modality", "unknown")

@@ -98,6 +98,12 @@ class Geometry:
         source_shape = None if shape_zyx is None else tuple(int(n) for n in shape_zyx[-3:])[::-1]
         return cls.from_source_grid(source_affine, source_shape)
 
+    def same_place(self, other: Geometry, atol_mm: float = 0.01) -> bool:
+        """Whether the two volume-order grids put every voxel at the same place (within ``atol_mm``),
+        whatever order their source files store the axes in."""
+        return (self.shape_zyx == other.shape_zyx
+                and np.allclose(self.affine, other.affine, rtol=0, atol=atol_mm))
+
     @property
     def spacing_known(self) -> bool:
         """False for an identity source affine, the mark of a file that lost its voxel size (acdc):
@@ -366,7 +372,7 @@ def _labels_on(labels: Volume, scan: Volume, name: str) -> Volume:
     if labels.data.ndim != scan.data.ndim:
         raise ShapeMismatchError(f"{name} has shape {labels.shape}, the scan {scan.shape}: a label map needs the "
                                  "scan's phases")
-    if mine.shape_zyx == theirs.shape_zyx and np.allclose(mine.affine, theirs.affine, rtol=0, atol=0.01):
+    if mine.same_place(theirs):
         data, warnings = labels.data, []
     elif mine.source_shape == theirs.source_shape and labels.shape[:-3] == scan.shape[:-3]:
         data = theirs.from_source(mine.to_source(labels.data))

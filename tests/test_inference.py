@@ -186,10 +186,10 @@ def test_attention_maps_shape_and_head_scale_selection(models):
 
 
 def test_attention_maps_need_modules_and_a_2d_model(models):
-    with pytest.raises(ConsistentSegError, match="no external modules"):
+    with pytest.raises(ConsistentSegError, match="without its external modules"):
         attention_maps(models["ct"], _volume((1, 16, 16)))
     without = load_model(models["mr_path"], with_modules=False)
-    with pytest.raises(ConsistentSegError, match="no external modules"):
+    with pytest.raises(ConsistentSegError, match="without its external modules"):
         attention_maps(without, _volume((1, 16, 16)))
 
 

@@ -195,6 +195,47 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+# ---- attention ------------------------------------------------------------------------------
+def cmd_attention(args) -> int:
+    import re
+
+    from .inference import attention_volume
+    from .io import load_volume, save_nifti
+    from .models.store import load_model
+
+    volume = load_volume(args.image, modality=args.modality)
+    stem, phase = _nifti_stem(Path(args.image)), args.phase
+    if volume.n_phases is not None:
+        phase = 0 if phase is None else phase
+        if not 0 <= phase < volume.n_phases:
+            raise ConsistentSegError(f"--phase must be 0..{volume.n_phases - 1} for this cine, got {phase}")
+        volume, stem = volume.phase(phase), f"{stem}_phase{phase}"
+    elif phase not in (None, 0):
+        raise ConsistentSegError(f"{args.image} is not a cine: it has phase 0 only")
+    model = load_model(args.model)  # with its external modules: the class queries live there
+    bars = []  # made by the first progress call: a bad --scale or --head is refused before any bar shows
+
+    def progress(done, total):
+        if not bars:
+            bars.append(_progress_bar(total, f"attention of {model.name}", unit="slice"))
+        bars[0].n = done
+        bars[0].refresh()
+
+    maps = attention_volume(model, volume, scale=args.scale, head=args.head, device=args.device, progress=progress)
+    for bar in bars:
+        bar.close()
+    outdir = Path(args.output)
+    outdir.mkdir(parents=True, exist_ok=True)
+    for k, name in model.classes.items():
+        if k == 0 and not args.background:
+            continue
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        target = save_nifti(maps[k], volume.geometry, outdir / f"{stem}_attention_{slug}.nii.gz", is_label=False)
+        z = int(np.argmax(maps[k].reshape(len(maps[k]), -1).max(1)))
+        print(f"{target}\t{name}: peak {maps[k].max():.1f} x uniform, on slice {z}")
+    return 0
+
+
 # ---- evaluate -------------------------------------------------------------------------------
 def cmd_evaluate(args) -> int:
     from .io import load_labels
@@ -376,6 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("attention", help="class-attention maps of a model's external modules, as NIfTI images "
+                                         "on the scan's grid (one per class)")
+    p.add_argument("image", help="the scan: NIfTI file or DICOM folder")
+    p.add_argument("--model", "-m", required=True, help="a model saved with its external modules (ICL or EAM)")
+    p.add_argument("--output", "-o", required=True, help="folder for <image name>_attention_<class>.nii.gz")
+    p.add_argument("--scale", type=int, default=0, help="decoder tap: 0 = deepest (stride 8, default), 1, 2")
+    p.add_argument("--head", type=int, default=None, help="one attention head (default: their mean)")
+    p.add_argument("--phase", type=int, default=None, help="for a cine: the phase (default 0)")
+    p.add_argument("--background", action="store_true", help="also the background query's map")
+    p.add_argument("--modality", choices=["CT", "MR"], help="override the modality read from the file")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("evaluate", help="Dice, HD95 and ASD (mm) of predictions against references")
     p.add_argument("predictions", nargs="+", help="label files or folders")

@@ -1076,7 +1076,8 @@ def _check_attention(model: Model, scale: int, head: int | None) -> None:
     _check_model(model)
     if model.modules is None:
         raise ConsistentSegError(
-            f"model {model.name!r} has no external modules saved beside it, so it has no attention maps"
+            f"model {model.name!r} was saved without its external modules, so it has no attention maps: choose a "
+            "model whose folder has modules.safetensors"
         )
     if model.spatial_dims != 2:
         raise ConsistentSegError("attention maps are implemented for 2D models only")
@@ -1085,7 +1086,8 @@ def _check_attention(model: Model, scale: int, head: int | None) -> None:
         raise InvalidInputError(f"scale must be 0..{n_scales - 1} (0 = deepest), got {scale}")
     heads = model.modules.config["heads"][scale]
     if head is not None and not 0 <= head < heads:
-        raise InvalidInputError(f"scale {scale} has heads 0..{heads - 1}, got {head}")
+        raise InvalidInputError(f"head {head} does not exist: scale {scale} of model {model.name!r} has heads "
+                                f"0..{heads - 1}")
 
 
 def _attention_of_prepared(model: Model, prepared: PreparedScan, *, scale: int = 0, head: int | None = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QFormLayout
 
-from ..errors import ConsistentSegError
 from ..inference import attention_volume
 from ..models.store import load_model
 from ._model_widget import ModelTaskWidget
@@ -49,14 +48,6 @@ class AttentionWidget(ModelTaskWidget):
 
         def task(progress, cancel):
             model = load_model(model_choice, device="cpu")
-            if model.modules is None:
-                raise ConsistentSegError(
-                    f"Model {model.name!r} was saved without its attention modules, so it has no "
-                    "attention maps: choose a model whose folder has modules.safetensors.")
-            heads = model.modules.config["heads"][scale]
-            if head is not None and head >= heads:
-                raise ConsistentSegError(f"Scale {scale} of {model.name!r} has heads 0..{heads - 1}; "
-                                         f"head {head} does not exist.")
             maps = attention_volume(model, volume, scale=scale, head=head, device=device, progress=progress,
                                     cancel=cancel)
             shown = [k for k in model.classes if k != 0 or with_background]

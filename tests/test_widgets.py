@@ -156,6 +156,8 @@ def test_segment_adds_a_named_labels_layer_on_the_image_grid(qtbot, tiny_model, 
     np.testing.assert_allclose(labels.scale, image.scale)
     np.testing.assert_allclose(labels.translate, image.translate)
     assert labels.metadata[METADATA_KEY]["class_names"][3] == "LV cavity"
+    ml = float(np.prod(SPACING)) / 1000 * int((labels.data == 3).sum())
+    assert f"LV cavity {ml:.1f} ml" in widget.runner.status.text()  # sizes a user can judge
     probabilities = [layer for layer in viewer.layers if "p(" in layer.name]
     assert len(probabilities) == 3 and probabilities[0].data.shape == image.data.shape
     assert widget.keep_largest.isChecked()  # on by default: each class is one piece

@@ -4,10 +4,10 @@ A cine layer (phase, slice, row, column) gets a 4D Labels layer: the shown phase
 
 from __future__ import annotations
 
-import numpy as np
 from qtpy.QtWidgets import QCheckBox
 
 from ..inference import segment
+from ..metrics import class_sizes
 from ..models.store import load_model
 from ._model_widget import ModelTaskWidget
 from ._widget_common import (
@@ -51,14 +51,16 @@ class SegmentWidget(ModelTaskWidget):
             model = load_model(model_choice, device="cpu")
             labels = segment(model, volume, phases=phases, device=device, keep_largest=keep_largest,
                              return_probabilities=with_probabilities, progress=progress, cancel=cancel)
-            present = np.bincount(labels.data.ravel(), minlength=len(model.classes)) > 0
-            return model, labels, present
+            # what it found, as sizes a user can judge (0.6 ml of liver is not a liver): the phase shown or the first
+            phase = None if labels.n_phases is None else (phases or [0])[0]
+            sizes = class_sizes(labels.data if phase is None else labels.data[phase], model.classes, labels.geometry)
+            return model, labels, sizes, phase
 
         what = "" if volume.n_phases is None else (
             f" (phase {shown})" if phases else f" ({volume.n_phases} phases)")
         return f"Segmenting {layer.name}{what}", task, lambda result: self._add_result(context, *result)
 
-    def _add_result(self, context: dict, model, labels_volume, present) -> None:
+    def _add_result(self, context: dict, model, labels_volume, sizes: dict, phase: int | None) -> None:
         for warning in labels_volume.meta["warnings"]:
             notify(warning, "warning")
         suffix = "" if context["phases"] is None else f" phase {context['phases'][0]}"
@@ -78,6 +80,7 @@ class SegmentWidget(ModelTaskWidget):
                     colormap=intensity_colormap(model.colours.get(value, "#ffffff"), f"p {name}"),
                     contrast_limits=(0.0, 1.0), blending="additive", visible=False, **context["grid"],
                 ))
-        found = ", ".join(name for value, name in model.classes.items() if value and present[value]) or "nothing"
+        found = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        where = "" if phase is None else f" (phase {phase})"
         warned = "".join(f" Warning: {w}." for w in labels_volume.meta["warnings"])  # notifications fade; this stays
-        self.runner.status.setText(f"Added {labels.name!r}: found {found}.{warned}")
+        self.runner.status.setText(f"Added {labels.name!r}: {found}{where}.{warned}")

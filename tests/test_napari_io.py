@@ -67,6 +67,16 @@ def test_reader_returns_image_and_labels_layers(chaos_case):
     assert np.issubdtype(labels.dtype, np.integer)
 
 
+def test_a_folder_of_nifti_files_opens_each_as_acdc_distributes_a_patient(shared_data):
+    folder = shared_data / "acdc_original" / "patient021"  # ED and ES frames, their _gt labels, Info.cfg
+    layers = get_reader(str(folder))(str(folder))
+    assert [(kwargs["name"], kind) for _, kwargs, kind in layers] == [
+        ("patient021_frame01", "image"), ("patient021_frame01_gt labels", "labels"),
+        ("patient021_frame13", "image"), ("patient021_frame13_gt labels", "labels")]
+    assert all(kwargs["scale"] == layers[0][1]["scale"] for _, kwargs, _ in layers)  # pixdim's 10 mm slices
+    assert layers[0][1]["scale"][0] == pytest.approx(10.0)
+
+
 def test_reader_reads_a_series_listed_file_by_file_once(dicom_folder):
     files = [str(path) for path in sorted(dicom_folder.iterdir())[:3]]
     layers = get_reader(files)(files)

@@ -1,4 +1,5 @@
-"""napari reader: NIfTI files and DICOM series (a folder, or files of one) as Image or Labels layers."""
+"""napari reader: NIfTI files and DICOM series (a folder, or files of one) as Image or Labels layers; a
+folder without DICOM that holds NIfTI files (a patient as ACDC distributes it) opens each of them."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def read_layers(path) -> list[tuple]:
     if paths is None:
         raise VolumeReadError(f"napari passed {path!r}, which is not a path to a NIfTI file or DICOM folder.")
     layers, series_seen = [], set()
-    for one_path in paths:
+    for one_path in [p for given in paths for p in (_nifti_files(given) or [given])]:
         try:
             if is_dicom_file(one_path):
                 series = series_id(one_path)
@@ -66,11 +67,19 @@ def read_layers(path) -> list[tuple]:
     return layers
 
 
+def _nifti_files(path) -> list[Path]:
+    """The NIfTI files directly in a folder that holds no DICOM, sorted; [] for anything else."""
+    path = Path(path)
+    if not path.is_dir() or find_dicom_files(path, max_checked=_FOLDER_ENTRIES_CHECKED):
+        return []
+    return sorted(p for p in path.iterdir() if p.is_file() and is_nifti_path(p))
+
+
 def _is_readable_by_us(path) -> bool:
     path = Path(path)
     try:
         if path.is_dir():
-            return bool(find_dicom_files(path, max_checked=_FOLDER_ENTRIES_CHECKED))
+            return bool(find_dicom_files(path, max_checked=_FOLDER_ENTRIES_CHECKED) or _nifti_files(path))
         if not path.is_file():
             return False
         return is_nifti_path(path) or path.suffix.lower() in _DICOM_SUFFIXES or is_dicom_file(path)

@@ -17,7 +17,7 @@ WIDTHS = [6, 8, 5, 3, 4]  # LV cavity width per phase: ED = 1, ES = 3
 
 def fake_segment(model, volume, **kwargs):
     """segment_cardiac's stand-in: per phase, an LV whose width is the phase's mean intensity."""
-    phases = [volume.phase(t).data for t in range(volume.n_phases)] if hasattr(volume, "phase") else volume
+    phases = [volume.phase(t).data for t in range(volume.n_phases or 1)] if hasattr(volume, "phase") else volume
     progress = kwargs.get("progress")
     out = []
     for t, phase in enumerate(phases):
@@ -78,12 +78,34 @@ def test_ed_es_buttons_and_curve_click_move_the_viewer(qtbot, widget):
     assert viewer.dims.current_step[0] == 4
 
 
-def test_a_3d_layer_is_refused_with_what_to_do(qtbot, widget):
+def test_a_3d_layer_alone_is_refused_with_what_to_do(qtbot, widget):
     viewer, w = widget
     viewer.layers.clear()
     viewer.add_image(np.zeros((3, 8, 8), np.float32), name="one frame")
     assert not w.run()
-    assert "cine layer" in w.runner.status.text()
+    assert "choose its ES frame" in w.runner.status.text() and w.labels_layer is None
+
+
+def test_an_ed_and_an_es_frame_give_the_figures_and_a_labels_layer_each(qtbot, widget):
+    """ACDC's way: two 3D frames of one cine. Go to ED / ES shows that frame and its labels."""
+    viewer, w = widget
+    viewer.layers.clear()
+    geometry = Geometry.from_spacing(SPACING, (3, 24, 24)).to_dict()
+    ed, es = (viewer.add_image(np.full((3, 24, 24), width, np.float32), name=name, scale=SPACING,
+                               metadata={METADATA_KEY: {"geometry": geometry, "modality": "MR", "source": "x"}})
+              for name, width in (("ED frame", 8), ("ES frame", 3)))
+    w.image.set_layer(ed)
+    w.es_frame.set_layer(es)
+    assert w.run()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=20_000)
+    assert (w.result.ed, w.result.es) == (0, 1) and w.result.lv_ef_percent == pytest.approx(100 * 5 / 8)
+    assert w.table.item(5, 1).text() == "ED / ES"
+    labels = [viewer.layers[f"{name} frame cardiac-cine-mri"] for name in ("ED", "ES")]
+    assert [layer.data.shape for layer in labels] == [(3, 24, 24)] * 2 and tuple(labels[1].scale) == SPACING
+    w.es_button.click()
+    assert [layer.visible for layer in (ed, labels[0], es, labels[1])] == [False, False, True, True]
+    w.ed_button.click()
+    assert [layer.visible for layer in (ed, labels[0], es, labels[1])] == [True, True, False, False]
 
 
 def test_export_before_a_run_says_what_to_do(widget, tmp_path):

@@ -531,6 +531,31 @@ def segment_cardiac(model, volume, *, clean: bool = True, device=None, progress=
     return [clean_cardiac_labels(p, _spacing_of(volume), classes=classes) for p in phases]
 
 
+def frames_function(model, ed, es, *, clean: bool = True, device=None, progress=None,
+                    cancel=None) -> tuple[CardiacFunction, list[np.ndarray]]:
+    """Segment an end-diastolic and an end-systolic frame (two 3D Volumes of one cine acquisition, as
+    ACDC distributes them) and compute their function figures; returns (figures, [ED labels, ES labels]).
+    Progress counts the slices of both frames."""
+    for name, volume in (("ED", ed), ("ES", es)):
+        if volume.n_phases is not None:
+            raise ConsistentSegError(f"the {name} frame {volume.name!r} is a cine: give one 3D frame, or use the cine")
+    if ed.shape != es.shape:
+        raise ShapeMismatchError(f"the ED frame has shape {ed.shape} but the ES frame {es.shape}: give two frames "
+                                 "of one cine acquisition")
+    _check_stack(ed.shape[-3])  # before segmenting
+    n = ed.shape[-3]
+
+    def frame_progress(offset):
+        return None if progress is None else (lambda done, total: progress(offset + done, 2 * n))
+
+    labels = [segment_cardiac(model, frame, clean=clean, device=device, progress=frame_progress(i * n),
+                              cancel=cancel)[0] for i, frame in enumerate((ed, es))]
+    result = cardiac_function(labels, _spacing_of(ed), ed=0, es=1, labels=CardiacLabels.from_classes(model.classes),
+                              phase_names=["ED", "ES"])
+    result.warnings[:0] = list(ed.meta.get("warnings", []))
+    return result, labels
+
+
 def cine_function(model, volume, *, ed: int | None = None, es: int | None = None, clean: bool = True,
                   device=None, progress=None, cancel=None) -> tuple[CardiacFunction, list[np.ndarray]]:
     """Segment every phase of a cine Volume (T, Z, Y, X) and compute its function figures;

@@ -321,7 +321,7 @@ def cmd_demo(args) -> int:
 
 # ---- cardiac-function -----------------------------------------------------------------------
 def cmd_cardiac_function(args) -> int:
-    from .cardiac import CardiacLabels, cardiac_function, cine_function, function_table, segment_cardiac
+    from .cardiac import cine_function, frames_function, function_table
     from .io import load_volume
     from .models.store import load_model
 
@@ -330,34 +330,23 @@ def cmd_cardiac_function(args) -> int:
     if not args.cine and not (args.ed and args.es):
         raise ConsistentSegError("give a CINE scan (4D NIfTI or cine DICOM folder), or both --ed and --es")
     model = load_model(args.model, with_modules=False)
-    classes = CardiacLabels.from_classes(model.classes)
     volumes = [load_volume(p, modality=args.modality) for p in ([args.cine] if args.cine else [args.ed, args.es])]
     if args.cine and not volumes[0].n_phases:
         raise ConsistentSegError(f"{args.cine} is a single 3D scan, not a cine: give its ED and ES frames "
                                  "with --ed ED --es ES")
-    if not args.cine and volumes[0].shape != volumes[1].shape:
-        raise ConsistentSegError(f"--ed {args.ed} has shape {volumes[0].shape} but --es {args.es} has "
-                                 f"{volumes[1].shape}: give two frames of one cine acquisition")
-    for warning in volumes[0].meta.get("warnings", []):
-        print(f"warning: {warning}", file=sys.stderr)
-    bar = _progress_bar(sum(v.shape[-3] * (v.n_phases or 1) for v in volumes), "segmenting", unit="slice")
-    offset = [0]
+    bars = []  # made by the first progress call: a refused scan shows no bar (the scan's warnings: in the table)
 
     def progress(done, total):
-        bar.n = offset[0] + done
-        bar.refresh()
+        if not bars:
+            bars.append(_progress_bar(total, "segmenting", unit="slice"))
+        bars[0].n = done
+        bars[0].refresh()
 
     options = {"clean": args.clean, "device": args.device, "progress": progress}
-    if args.cine:
-        result, _ = cine_function(model, volumes[0], **options)
-    else:
-        labels = []
-        for volume in volumes:
-            labels += segment_cardiac(model, volume, **options)
-            offset[0] += volume.shape[-3]
-        spacing = volumes[0].spacing_mm if volumes[0].geometry.spacing_known else None
-        result = cardiac_function(labels, spacing, ed=0, es=1, labels=classes, phase_names=["ED", "ES"])
-    bar.close()
+    result, _ = cine_function(model, volumes[0], **options) if args.cine else frames_function(model, *volumes,
+                                                                                              **options)
+    for bar in bars:
+        bar.close()
     if args.json:
         print(json.dumps(result.as_dict()))
     else:

@@ -16,11 +16,14 @@ from qtpy.QtWidgets import (
     QCheckBox, QFormLayout, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
-from ..cardiac import cine_function
+from ..cardiac import cine_function, frames_function
 from ..errors import ConsistentSegError
 from ..metrics import write_csv
 from ..models.store import load_model
-from ._widget_common import LayerPicker, ModelPicker, add_labels_layer, button, combo, device_choices, export_csv_dialog, notify, row
+from ._widget_common import (
+    LayerPicker, ModelPicker, add_labels_layer, button, combo, device_choices, export_csv_dialog, grid_kwargs, notify,
+    row,
+)
 from ._workers import TaskRunner
 from .layers import volume_from_layer
 
@@ -78,15 +81,18 @@ class VolumeCurve(FigureCanvasQTAgg):
 
 
 class CardiacFunctionWidget(QWidget):
-    """Choose a cine image layer (phase, slice, row, column) and a cardiac model; "Segment all
-    phases" runs in a worker (progress, Cancel) and adds the labels as a 4D layer; the curve, the
-    table and the CSV follow. A click on the curve (or Go to ED / ES) moves the viewer to that phase.
+    """Choose a cine image layer (phase, slice, row, column), or an ED and an ES frame (two 3D layers,
+    as ACDC distributes them), and a cardiac model; "Segment all phases" runs in a worker (progress,
+    Cancel) and adds the labels (a 4D layer, or one layer a frame); the curve, the table and the CSV
+    follow. A click on the curve (or Go to ED / ES) moves the viewer to that phase, or shows that frame.
     """
 
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = viewer
         self.image = LayerPicker(viewer, Image)
+        self.es_frame = LayerPicker(viewer, Image, apart_from=self.image)
+        self.es_frame.setToolTip("Used when the first layer is one 3D frame: it is then the ED frame, this the ES")
         self.model = ModelPicker()
         self.model.select("cardiac-cine-mri")
         self.device = combo(device_choices(), "auto: a GPU when there is one, else the CPU")
@@ -95,7 +101,8 @@ class CardiacFunctionWidget(QWidget):
         self.clean.setToolTip("Keep one heart: remove a false heart below the apex or above the base and "
                               "islands, close broken myocardium rings, fill a missed slice (docs/cardiac.md)")
         form = QFormLayout()
-        form.addRow("Cine", self.image)
+        form.addRow("Cine or ED frame", self.image)
+        form.addRow("ES frame (with an ED frame)", self.es_frame)
         form.addRow("Model", self.model)
         form.addRow("Device", self.device)
         self.run_button = button("Segment all phases", self.run)
@@ -120,31 +127,37 @@ class CardiacFunctionWidget(QWidget):
         self.result = None
         self.labels_layer = None
         self._cine_layer = None
+        self._frames = None  # ED / ES mode: {0: (ED image, its labels), 1: (ES image, its labels)}
 
     def run(self) -> bool:
         """Start segmenting every phase; False (with a message) if the choices are unusable."""
         try:
-            layer, volume, model_choice = self._read()
+            layers, volumes, model_choice = self._read()
         except ConsistentSegError as error:
             notify(str(error), "warning", self.runner.status)
             return False
         device, clean = self.device.currentText(), self.clean.isChecked()
-        grid = _grid_4d(layer)
+        grids = [_grid_4d(layers[0])] if len(layers) == 1 else [grid_kwargs(layer) for layer in layers]
 
         def task(progress, cancel):
             model = load_model(model_choice, device="cpu")
-            result, labels = cine_function(model, volume, clean=clean, device=device, progress=progress,
-                                           cancel=cancel)
-            return model, np.stack(labels), result
+            measure = cine_function if len(volumes) == 1 else frames_function
+            result, labels = measure(model, *volumes, clean=clean, device=device, progress=progress, cancel=cancel)
+            return model, [np.stack(labels)] if len(volumes) == 1 else labels, result
 
         def returned(out):
             model, labels, result = out
-            self.labels_layer = add_labels_layer(self.viewer, labels, grid, model.classes, model.colours,
-                                                 f"{layer.name} {model.name}", extra_metadata={"model": model.name})
-            self._cine_layer = layer
+            added = [add_labels_layer(self.viewer, data, grid, model.classes, model.colours,
+                                      f"{layer.name} {model.name}", extra_metadata={"model": model.name})
+                     for data, grid, layer in zip(labels, grids, layers)]
+            self.labels_layer = added[0]
+            self._cine_layer = layers[0] if len(layers) == 1 else None
+            self._frames = None if len(layers) == 1 else dict(enumerate(zip(layers, added)))
             self.show_result(result)
 
-        started = self.runner.start(task, description=f"Segmenting {volume.n_phases} phases of {layer.name}",
+        what = (f"{volumes[0].n_phases} phases of {layers[0].name}" if len(layers) == 1
+                else f"ED frame {layers[0].name} and ES frame {layers[1].name}")
+        started = self.runner.start(task, description=f"Segmenting {what}",
                                     on_returned=returned, on_finished=lambda: self.run_button.setEnabled(True))
         self.run_button.setEnabled(not started)
         return started
@@ -157,7 +170,8 @@ class CardiacFunctionWidget(QWidget):
         rows = [("EDV", result.lv_edv, result.rv_edv, u), ("ESV", result.lv_esv, result.rv_esv, u),
                 ("SV", result.lv_sv, result.rv_sv, u), ("EF", result.lv_ef_percent, result.rv_ef_percent, "%"),
                 ("LV mass", result.lv_mass_g, None, "g"),
-                ("ED / ES phase", f"{result.ed} / {result.es}", None, "")]
+                ("ED / ES phase", " / ".join(result.phase_names[i] if result.phase_names else str(i)
+                                             for i in (result.ed, result.es)), None, "")]
         self.table.setRowCount(len(rows))
         for r, (name, lv, rv, unit) in enumerate(rows):
             for c, text in enumerate((name, _cell(lv, unit), _cell(rv, unit))):
@@ -171,7 +185,14 @@ class CardiacFunctionWidget(QWidget):
             self.runner.status.setText(" ".join(result.warnings))
 
     def go_to_phase(self, phase: int) -> None:
-        """Show ``phase`` of the cine in the viewer (its first axis)."""
+        """Show ``phase`` of the cine in the viewer (its first axis); with ED and ES frames, show that
+        frame and its labels and hide the other's."""
+        if self._frames:
+            for index, pair in self._frames.items():
+                for layer in pair:
+                    if layer in self.viewer.layers:
+                        layer.visible = index == phase
+            return
         layer = self._cine_layer or self.image.layer()
         if layer is None or layer.ndim < 4:
             return
@@ -187,20 +208,31 @@ class CardiacFunctionWidget(QWidget):
         return str(write_csv(rows, path))
 
     def _read(self):
+        """([cine layer] or [ED layer, ES layer], their Volumes, the model choice), or ConsistentSegError."""
         layer = self.image.layer()
         if layer is None:
-            raise ConsistentSegError("No image layer: open a cine scan (4D NIfTI or a cine DICOM folder) first.")
-        if layer.ndim != 4 or getattr(layer, "rgb", False) or getattr(layer, "multiscale", False):
+            raise ConsistentSegError("No image layer: open a cine scan (4D NIfTI or a cine DICOM folder), or an "
+                                     "ED and an ES frame, first.")
+        if getattr(layer, "rgb", False) or getattr(layer, "multiscale", False) or layer.ndim not in (3, 4):
             raise ConsistentSegError(
-                f"{layer.name!r} has {layer.ndim} dimensions: choose a cine layer (phase, slice, row, column). "
-                "For two frames, use consistent-seg cardiac-function --ed ED --es ES.")
+                f"{layer.name!r} has {layer.ndim} dimensions: choose a cine layer (phase, slice, row, column), "
+                "or a 3D ED frame with its ES frame.")
+        layers = [layer]
+        if layer.ndim == 3:
+            es = self.es_frame.layer()
+            if es is None or es is layer or es.ndim != 3:
+                raise ConsistentSegError(
+                    f"{layer.name!r} is one 3D frame: choose its ES frame (another 3D image of the same cine) "
+                    "as ES frame, or a cine layer.")
+            layers.append(es)
         model_choice = self.model.choice()
         if model_choice is None:
             raise ConsistentSegError("No model: choose a cardiac model (cardiac-cine-mri).")
-        volume = volume_from_layer(layer)  # (T, Z, Y, X) cine; data not copied
-        if volume.modality == "unknown":
-            volume.modality = "MR"  # a cine without the tag: the cardiac models are MRI models
-        return layer, volume, model_choice
+        volumes = [volume_from_layer(one) for one in layers]  # data not copied
+        for volume in volumes:
+            if volume.modality == "unknown":
+                volume.modality = "MR"  # a scan without the tag: the cardiac models are MRI models
+        return layers, volumes, model_choice
 
     def _export_dialog(self) -> None:
         export_csv_dialog(self, "Export cardiac function", "cardiac_function.csv", self.export_csv)

@@ -10,7 +10,7 @@ import torch
 from napari_consistent_seg.cli import main
 from napari_consistent_seg.errors import Cancelled, ConsistentSegError, ShapeMismatchError
 from napari_consistent_seg.io import Geometry, load_volume, save_nifti
-from napari_consistent_seg.models.store import load_model
+from napari_consistent_seg.models.store import load_model, save_model
 from napari_consistent_seg.training import losses
 from napari_consistent_seg.training.finetune import (
     DEFAULTS,
@@ -130,6 +130,25 @@ def test_steps_run_on_the_idle_cores_and_restore_torchs_threads(tiny_model_path,
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("method", ["supervised", "icl"])
+def test_an_eam_model_keeps_its_module_unless_icl_trains_modules(tmp_path, method):
+    """Supervised steps train the backbone only: the saved model keeps the EAM module it was trained
+    with (its attention maps are that module's); the icl method trains ICL modules warm-started from it."""
+    from conftest import save_tiny
+
+    from napari_consistent_seg.models.modules import EAMModule, ICLModules
+
+    model = load_model(save_tiny(tmp_path / "eam", modules="eam"))
+    image, truth = scan()
+    tuner = finetune(model, image, truth, steps=1, method=method, batch_size=2)
+    tuned = tuner.finished_model()
+    saved = load_model(save_model(tmp_path / "tuned", tuned.backbone, tuned.card, tuned.modules))
+    assert isinstance(saved.modules, EAMModule if method == "supervised" else ICLModules)
+    if method == "supervised":
+        for name, value in model.modules.state_dict().items():
+            assert torch.equal(saved.modules.state_dict()[name], value)
 
 
 def test_icl_finetuner_keeps_the_old_whole_slice_behaviour(tiny_model_path):

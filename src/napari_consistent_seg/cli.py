@@ -299,6 +299,11 @@ def cmd_info(args) -> int:
     if training.method:
         print(f"  trained: {training.method} for {training.iterations} iterations, "
               f"{training.wall_time_s} s on {training.hardware}")
+    for record in card.fine_tuning:  # a fine-tuned model: each round, oldest first
+        slices = record.get("painted_slices") or []
+        print(f"  fine-tuned from {record.get('from_model', '?')} ({record.get('method', '?')}): "
+              f"{record.get('steps', '?')} steps on {record.get('known_voxels', '?')} known voxels of "
+              f"{len(slices)} slice(s), {record.get('wall_time_s', '?')} s")
     if card.val_scores.get("mean") is not None:
         print(f"  val mean Dice: {100 * card.val_scores['mean']:.1f} %")
     print(f"  external modules: {'yes (' + card.modules['kind'] + ')' if card.modules else 'no'}")

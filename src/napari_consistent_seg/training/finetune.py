@@ -68,11 +68,13 @@ def icl_modules_for(model: Model) -> ICLModules:
     bb = model.backbone
     if isinstance(model.modules, ICLModules):
         return copy.deepcopy(model.modules)
-    modules = ICLModules(bb.out_channels, bb.tap_channels, spatial_dims=bb.spatial_dims)
-    if isinstance(model.modules, EAMModule):
-        modules.queries.load_state_dict(model.modules.queries.state_dict())
-        modules.sspa.load_state_dict(model.modules.decoder.state_dict())
-        modules.uscl.load_state_dict(model.modules.decoder.state_dict())
+    if not isinstance(model.modules, EAMModule):
+        return ICLModules(bb.out_channels, bb.tap_channels, spatial_dims=bb.spatial_dims)
+    eam = model.modules  # its heads and its weights
+    modules = ICLModules(bb.out_channels, bb.tap_channels, eam.config["heads"], bb.spatial_dims)
+    modules.queries.load_state_dict(eam.queries.state_dict())
+    modules.sspa.load_state_dict(eam.decoder.state_dict())
+    modules.uscl.load_state_dict(eam.decoder.state_dict())
     return modules
 
 
@@ -265,7 +267,9 @@ class Finetuner:
         self.has_start = start is not None and bool(model.card.cardiac_cleanup)
         self.known_voxels = int(known.sum())
         self.trained = Model(copy.deepcopy(model.backbone), copy.deepcopy(model.card), None, model.path)
-        self.trained.modules = icl_modules_for(model)
+        # the icl method trains ICL modules (the model's own, or warm-started from its EAM module); the supervised
+        # one trains the backbone only, and the model keeps its own modules (an EAM model's stay EAM's)
+        self.trained.modules = icl_modules_for(model) if method == "icl" else copy.deepcopy(model.modules)
         self.trained.to(self.device)
         self.teacher = copy.deepcopy(model.backbone).to(self.device).eval().requires_grad_(False)
         self._blended: Model | None = None
@@ -355,7 +359,8 @@ class Finetuner:
         total.backward()
         self.optimizer.step()
         bb.eval()
-        self.trained.modules.eval()
+        if self.trained.modules is not None:
+            self.trained.modules.eval()
         self.steps_done += 1
         if self.steps_done >= self.average_from:
             self._average = running_mean(self._average, bb.parameters(), self.steps_done - self.average_from + 1)

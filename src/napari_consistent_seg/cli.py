@@ -25,6 +25,24 @@ def _progress_bar(total: int | None, desc: str, unit: str = "it"):
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
+class _SliceBar:
+    """A progress callback ``(done, total)`` whose bar appears at the first call, with that call's total
+    (the model's slices, which its plane decides): input refused before any work shows no bar."""
+
+    def __init__(self, desc: str, unit: str = "slice"):
+        self.desc, self.unit, self.bar = desc, unit, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = _progress_bar(total, self.desc, unit=self.unit)
+        self.bar.total, self.bar.n = total, done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 # ---- train ----------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     import torch
@@ -116,15 +134,8 @@ def cmd_predict(args) -> int:
         phases = f", {volume.n_phases} phases" if volume.n_phases else ""
         print(f"{path.name}: {volume.geometry.describe_plane()} acquisition{phases}; model slices in its "
               f"{model_plane(model)} plane", file=sys.stderr)
-        # the total is the model's slices (its plane may not be the scan's): set by the first call
-        bar = _progress_bar(None, path.name, unit="slice")
-
-        def progress(done, total, bar=bar):
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        labels = segment(model, volume, device=args.device, keep_largest=args.keep_largest, progress=progress)
+        bar = _SliceBar(path.name)
+        labels = segment(model, volume, device=args.device, keep_largest=args.keep_largest, progress=bar)
         bar.close()
         for warning in labels.meta["warnings"]:
             print(f"warning: {path.name}: {warning}", file=sys.stderr)
@@ -213,17 +224,9 @@ def cmd_attention(args) -> int:
     elif phase not in (None, 0):
         raise ConsistentSegError(f"{args.image} is not a cine: it has phase 0 only")
     model = load_model(args.model)  # with its external modules: the class queries live there
-    bars = []  # made by the first progress call: a bad --scale or --head is refused before any bar shows
-
-    def progress(done, total):
-        if not bars:
-            bars.append(_progress_bar(total, f"attention of {model.name}", unit="slice"))
-        bars[0].n = done
-        bars[0].refresh()
-
-    maps = attention_volume(model, volume, scale=args.scale, head=args.head, device=args.device, progress=progress)
-    for bar in bars:
-        bar.close()
+    bar = _SliceBar(f"attention of {model.name}")  # a bad --scale or --head is refused before it shows
+    maps = attention_volume(model, volume, scale=args.scale, head=args.head, device=args.device, progress=bar)
+    bar.close()
     outdir = Path(args.output)
     outdir.mkdir(parents=True, exist_ok=True)
     for k, name in model.classes.items():
@@ -339,19 +342,11 @@ def cmd_cardiac_function(args) -> int:
     if args.cine and not volumes[0].n_phases:
         raise ConsistentSegError(f"{args.cine} is a single 3D scan, not a cine: give its ED and ES frames "
                                  "with --ed ED --es ES")
-    bars = []  # made by the first progress call: a refused scan shows no bar (the scan's warnings: in the table)
-
-    def progress(done, total):
-        if not bars:
-            bars.append(_progress_bar(total, "segmenting", unit="slice"))
-        bars[0].n = done
-        bars[0].refresh()
-
-    options = {"clean": args.clean, "device": args.device, "progress": progress}
+    bar = _SliceBar("segmenting")  # a refused scan shows none (the scan's warnings: in the table)
+    options = {"clean": args.clean, "device": args.device, "progress": bar}
     result, _ = cine_function(model, volumes[0], **options) if args.cine else frames_function(model, *volumes,
                                                                                               **options)
-    for bar in bars:
-        bar.close()
+    bar.close()
     if args.json:
         print(json.dumps(result.as_dict()))
     else:

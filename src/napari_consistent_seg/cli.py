@@ -215,14 +215,11 @@ def cmd_attention(args) -> int:
     from .models.store import load_model
 
     volume = load_volume(args.image, modality=args.modality)
-    stem, phase = _nifti_stem(Path(args.image)), args.phase
-    if volume.n_phases is not None:
-        phase = 0 if phase is None else phase
-        if not 0 <= phase < volume.n_phases:
-            raise ConsistentSegError(f"--phase must be 0..{volume.n_phases - 1} for this cine, got {phase}")
-        volume, stem = volume.phase(phase), f"{stem}_phase{phase}"
-    elif phase not in (None, 0):
-        raise ConsistentSegError(f"{args.image} is not a cine: it has phase 0 only")
+    phase = 0 if args.phase is None else args.phase
+    if phase < 0:
+        raise ConsistentSegError(f"--phase counts from 0, got {phase}")
+    stem = _nifti_stem(Path(args.image)) + ("" if volume.n_phases is None else f"_phase{phase}")
+    volume = volume.phase(phase)  # says which phases a cine has, and that a 3D scan has phase 0 only
     model = load_model(args.model)  # with its external modules: the class queries live there
     bar = _SliceBar(f"attention of {model.name}")  # a bad --scale or --head is refused before it shows
     maps = attention_volume(model, volume, scale=args.scale, head=args.head, device=args.device, progress=bar)

@@ -4,8 +4,6 @@ cycle (matplotlib in the dock), mark ED and ES, show EDV/ESV/SV/EF/mass, export 
 
 from __future__ import annotations
 
-import copy
-
 import napari
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -137,7 +135,7 @@ class CardiacFunctionWidget(QWidget):
             notify(str(error), "warning", self.runner.status)
             return False
         device, clean = self.device.currentText(), self.clean.isChecked()
-        grids = [_grid_4d(layers[0])] if len(layers) == 1 else [grid_kwargs(layer) for layer in layers]
+        grids = [grid_kwargs(layer, layer.ndim) for layer in layers]  # a cine's 4D grid, or each frame's
 
         def task(progress, cancel):
             model = load_model(model_choice, device="cpu")
@@ -236,16 +234,6 @@ class CardiacFunctionWidget(QWidget):
 
     def _export_dialog(self) -> None:
         export_csv_dialog(self, "Export cardiac function", "cardiac_function.csv", self.export_csv)
-
-
-def _grid_4d(layer) -> dict:
-    """Layer keyword arguments that put a (T, Z, Y, X) labels layer on the cine's grid."""
-    from .layers import METADATA_KEY
-
-    ours = copy.deepcopy(dict((layer.metadata or {}).get(METADATA_KEY, {})))
-    ours.pop("class_names", None)
-    ours["warnings"] = []
-    return {"scale": tuple(layer.scale), "translate": tuple(layer.translate), "metadata": {METADATA_KEY: ours}}
 
 
 def _cell(value, unit: str) -> str:

@@ -105,12 +105,9 @@ def misplaced(layer, other, command: str) -> str | None:
     file written with an identity or default affine, whose voxels napari then shows in another order.
     None when they agree, or when either was made in napari (it lies where the user painted it).
     ``command``: the CLI command that takes such a file's voxels in the scan's file order."""
-    stored = [(lay.metadata or {}).get(METADATA_KEY, {}).get("geometry") for lay in (layer, other)]
-    if None in stored:
-        return None
-    mine, theirs = (Geometry.from_dict(g) for g in stored)
-    fits = [g.shape_zyx == tuple(np.shape(lay.data)[-3:]) for g, lay in ((mine, layer), (theirs, other))]
-    if not all(fits) or mine.same_place(theirs):  # a geometry that no longer fits its layer is not used
+    mine, theirs = (_fitting((lay.metadata or {}).get(METADATA_KEY, {}).get("geometry"), np.shape(lay.data)[-3:])
+                    for lay in (layer, other))
+    if mine is None or theirs is None or mine.same_place(theirs):
         return None
     return (f"{layer.name!r} does not lie where {other.name!r} does: the header of its file places it elsewhere, "
             "so its voxels may be in another order (napari shows it so). Save it again with the scan's header, or "
@@ -122,11 +119,18 @@ def modality_from_layer(layer) -> str:
     return (layer.metadata or {}).get(METADATA_KEY, {}).get("modality", "unknown")
 
 
+def _fitting(stored: dict | None, shape_zyx) -> Geometry | None:
+    """The stored geometry (our metadata) if it still fits an array of ``shape_zyx``, else None."""
+    if stored is None:
+        return None
+    geometry = Geometry.from_dict(stored)
+    return geometry if geometry.shape_zyx in (None, tuple(shape_zyx)) else None
+
+
 def _geometry(shape_zyx, scale, stored: dict | None) -> Geometry:
-    if stored is not None:
-        geometry = Geometry.from_dict(stored)
-        if geometry.shape_zyx in (None, tuple(shape_zyx)):
-            return geometry
+    geometry = _fitting(stored, shape_zyx)
+    if geometry is not None:
+        return geometry
     scale = tuple(float(s) for s in (scale if scale is not None else (1.0, 1.0, 1.0)))
     spacing_mm = ((1.0,) + scale)[-3:] if len(scale) == 2 else scale[-3:]
     return Geometry.from_spacing(spacing_mm, shape_zyx)

@@ -11,7 +11,8 @@ from conftest import TINY_CHANNELS, toy_config
 from napari_consistent_seg.errors import ConsistentSegError
 from napari_consistent_seg.models.store import BACKBONE_FILE, MODULES_FILE, load_model
 from napari_consistent_seg.training.config import config_from_dict, load_config
-from napari_consistent_seg.training.data import Source
+from napari_consistent_seg.training.augment import Augmentation
+from napari_consistent_seg.training.data import Source, load_cases, unenhance
 from napari_consistent_seg.training.trainer import (
     STATE_JSON,
     STATE_TENSORS,
@@ -143,6 +144,11 @@ def test_init_from_starts_from_a_saved_model_and_resume_still_wins(toy_data, tmp
     second.fit(cancel=lambda: second.iteration >= 2)
     resumed = Trainer(cfg, tmp_path / "second", device="cpu", resume=True)
     assert resumed.iteration == 2
+    # the card says what the run started from, resumed or not
+    assert resumed.started_from == second.started_from
+    assert (second.started_from["name"], second.started_from["iterations"]) == (source.card.name, 4)
+    saved = json.loads((tmp_path / "second" / STATE_JSON).read_text())["card"]["training"]
+    assert saved["init_from"]["created"] == source.card.created
     assert all(torch.equal(a, b) for a, b in zip(second.objective.state_dict().values(),
                                                    resumed.objective.state_dict().values()))
     wrong = _cfg(toy_data, "icl", init_from=str(tmp_path / "first" / "last"), channels=[8, 16, 32, 64, 128])
@@ -245,3 +251,35 @@ def test_short_eam_run_on_btcv_ct_and_chaos_t2_reports_per_modality_val(shared_d
     assert set(val["by_modality"]) == {"CT", "MR"}
     assert set(val["by_modality"]["CT"]["dice"]) == {1, 2, 3, 4}
     assert np.isfinite(result.history[-1]["train"]["rep"])
+
+
+def test_flip_ap_mirrors_image_and_labels_front_to_back_together():
+    image = torch.arange(16.0).view(1, 1, 4, 4).repeat(64, 1, 1, 1) / 16
+    labels = (image[:, 0] * 16).long()
+    flipping = Augmentation(rotate_deg=0, scale=(1, 1), gamma=(1, 1), noise_std=0, probability=1.0, flip_ap=True)
+    images_out, labels_out = flipping(image, labels, torch.Generator().manual_seed(0))
+    flipped = (labels_out == labels.flip(1)).flatten(1).all(1)
+    assert 10 < int(flipped.sum()) < 54  # about half
+    assert ((labels_out == labels).flatten(1).all(1) | flipped).all()  # the rest unchanged, and never left-right
+    assert torch.allclose(images_out * 16, labels_out.float()[:, None])
+
+
+@pytest.mark.slow
+def test_unenhance_moves_btcv_tissues_toward_their_unenhanced_hu_and_leaves_the_rest(shared_data):
+    source = next(s for s in load_config(CONFIGS / "abdomen-ct-mri.yaml").labeled if s.dataset == "btcv_ct")
+    source.cases = ["case_11"]
+    (case,) = load_cases(shared_data, source, {"CT": {"kind": "hu_window", "window": [-125, 275]}}, (1.25, 1.25))
+    assert case.tissues.shape == case.image.shape and case.unenhanced_probability == 0.3
+    kidney = case.tissues == 2  # btcv's right kidney: bright with contrast
+    z = int(np.argmax(kidney.sum((1, 2))))
+    before = case.image[z]
+    assert 400 * case.unenhanced_shift[2] < -50  # its median lies well above 30 HU
+    after = unenhance(before, case.tissues[z], case.unenhanced_shift, np.random.default_rng(0))
+    moved = 400 * (np.median(after[kidney[z]]) - np.median(before[kidney[z]]))
+    assert 400 * case.unenhanced_shift[2] - 15 <= moved < 0.3 * 400 * case.unenhanced_shift[2] + 10
+    from scipy.ndimage import distance_transform_edt
+
+    far = distance_transform_edt(~np.isin(case.tissues[z], list(case.unenhanced_shift))) > 4
+    assert np.allclose(after[far], before[far], atol=1e-4)
+    with pytest.raises(ConsistentSegError, match="HU window"):
+        load_cases(shared_data, source, {"CT": {"kind": "percentile", "percentiles": [1, 99]}})

@@ -13,12 +13,16 @@ import torch.nn.functional as F
 @dataclass
 class Augmentation:
     """rotate_deg: max |angle|; scale: (min, max) zoom; flips/rot90 only where the anatomy allows
-    it (never for left/right organ classes); gamma and noise act on the [0, 1] image."""
+    it (never for left/right organ classes); flip_ap mirrors the rows (anterior-posterior in an axial
+    slice; left and right stay), half the time, so that a model trained on files whose header
+    mirrors them front to back (btcv_ct's) still meets the spine where scanners put it; gamma and
+    noise act on the [0, 1] image."""
 
     rotate_deg: float = 20.0
     scale: tuple[float, float] = (0.85, 1.15)
     flips: bool = False
     rot90: bool = False
+    flip_ap: bool = False
     gamma: tuple[float, float] = (0.7, 1.5)
     noise_std: float = 0.03
     probability: float = 0.8
@@ -49,9 +53,12 @@ class Augmentation:
         flip_x = torch.ones(b, device=dev)
         if self.flips:
             flip_x = torch.where((torch.rand(b, generator=generator).to(dev) < 0.5) & active, -1.0, 1.0)
+        flip_y = torch.ones(b, device=dev)
+        if self.flip_ap:
+            flip_y = torch.where((torch.rand(b, generator=generator).to(dev) < 0.5) & active, -1.0, 1.0)
         theta = torch.zeros(b, 2, 3, device=dev)
-        theta[:, 0, 0], theta[:, 0, 1] = cos * flip_x, -sin
-        theta[:, 1, 0], theta[:, 1, 1] = sin * flip_x, cos
+        theta[:, 0, 0], theta[:, 0, 1] = cos * flip_x, -sin * flip_y
+        theta[:, 1, 0], theta[:, 1, 1] = sin * flip_x, cos * flip_y
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if labels is not None:

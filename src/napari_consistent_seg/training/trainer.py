@@ -45,8 +45,9 @@ def build_networks(cfg: TrainConfig) -> tuple[UNet, torch.nn.Module | None]:
     return backbone, modules
 
 
-def init_weights(backbone: UNet, modules: torch.nn.Module | None, name_or_path: str) -> None:
-    """Copy a saved model's weights into freshly built networks (``init_from``).
+def init_weights(backbone: UNet, modules: torch.nn.Module | None, name_or_path: str) -> dict:
+    """Copy a saved model's weights into freshly built networks (``init_from``), and return what the
+    new card records of it (``training.extra["init_from"]``): its name, creation date and training.
 
     The backbone must match exactly; modules are copied when both sides have them and they match,
     else they keep their random init (e.g. ICL modules on top of a supervised model).
@@ -64,6 +65,10 @@ def init_weights(backbone: UNet, modules: torch.nn.Module | None, name_or_path: 
             modules.load_state_dict(source.modules.state_dict(), strict=True)
         except RuntimeError as exc:
             raise ConsistentSegError(f"init_from={name_or_path!r}: its modules do not fit this config: {exc}") from exc
+    card, training = source.card, source.card.training
+    return {"model": str(name_or_path), "name": card.name, "created": card.created, "method": training.method,
+            "iterations": training.iterations, "commands": list(training.commands), "notes": training.notes,
+            "started_from": dict(training.extra.get("init_from", {}))}
 
 
 def validate(backbone, cases: list[LoadedCase], num_classes: int, device, batch_size: int = 16) -> dict:
@@ -139,8 +144,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.backbone, self.modules = build_networks(cfg)
         resuming = resume and (self.run_dir / STATE_JSON).is_file()
+        self.started_from: dict = {}  # the init_from model, as its card described it
         if cfg.init_from and not resuming:  # a resumed run has its own weights
-            init_weights(self.backbone, self.modules, cfg.init_from)
+            self.started_from = init_weights(self.backbone, self.modules, cfg.init_from)
         self.objective = Objective(cfg.method, self.backbone, self.modules, cfg.weights, cfg.aligned_classes,
                                    cfg.confidence_threshold).to(self.device)
         params = [p for p in self.objective.parameters() if p.requires_grad]
@@ -209,7 +215,7 @@ class Trainer:
         meta = {
             "iteration": self.iteration, "best_score": self.best_score, "history": self.history,
             "wall_time_s": self.wall_time_s, "optimizer": opt_meta, "config": self.cfg.to_dict(),
-            "commands": self.commands,
+            "commands": self.commands, "started_from": self.started_from,
             "card": self.card(self.history[-1]["val"] if self.history else None).to_dict(),
         }
         (self.run_dir / STATE_JSON).write_text(json.dumps(meta, indent=1, default=float))
@@ -230,6 +236,7 @@ class Trainer:
         self.history = meta["history"]
         self.wall_time_s = meta.get("wall_time_s", 0.0)
         self.commands = meta.get("commands", []) + [f"{self.command}  # resumed at iteration {self.iteration}"]
+        self.started_from = meta.get("started_from", {})
 
     def card(self, scores: dict | None) -> ModelCard:
         cfg = self.cfg
@@ -251,6 +258,7 @@ class Trainer:
                 "unlabeled_slices": self.n_unlabeled_slices,
             },
             config=cfg.to_dict(),
+            extra={"init_from": self.started_from} if self.started_from else {},
         )
         modules = dict(self.modules.config) if self.modules is not None else None
         return ModelCard.for_training(cfg, architecture=architecture_of(self.backbone), modules=modules,

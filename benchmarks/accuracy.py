@@ -87,12 +87,17 @@ def variant_config(name: str, overrides: dict | None = None):
 
 
 def matched_budget(name: str) -> int | None:
-    """The iterations the shipped model of ``name``'s task was trained for (None if none is shipped)."""
+    """The iterations the shipped model of ``name``'s task was trained for, every stage counted (its
+    init_from records: the abdomen model's 2,000 + 1,500); None if none is shipped."""
     task = VARIANTS[name][0]
     for other_task, *_, shipped in VARIANTS.values():
         card = SHIPPED_DIR / shipped / "card.json" if shipped else None
         if other_task == task and card is not None and card.is_file():
-            return int(json.loads(card.read_text())["training"]["iterations"])
+            training = json.loads(card.read_text())["training"]
+            total, start = int(training["iterations"]), training.get("init_from")
+            while start:
+                total, start = total + int(start.get("iterations", 0)), start.get("started_from")
+            return total
     return None
 
 
@@ -211,9 +216,25 @@ def targets(reports: dict) -> list[str]:
     joint_ct, joint_mr = _mean_dice(reports, "joint", "CT"), _mean_dice(reports, "joint", "MR")
     lines.append(_verdict(_mean_dice(reports, "eam", "CT"), joint_ct, "(not a target) abdomen, EAM on CT >= joint without EAM"))
     lines.append(_verdict(_mean_dice(reports, "eam", "MR"), joint_mr, "(not a target) abdomen, EAM on MR >= joint without EAM"))
+    start = _started_from(reports.get("eam", {}).get("training", {}))
+    if start:
+        lines.append(f"- (the eam model was {start}, so it trained longer than the baselines it is compared with "
+                     "here: not like for like; [training.md](training.md), *The shipped models*, has its first "
+                     "stage's figures at the baselines' budget)")
     lines += ["", "Why a target is missed, what was tried and what it would take: [training.md](training.md), "
               "*Where the ICL result stands*."]
     return lines + [""]
+
+
+def _started_from(training: dict) -> str:
+    """'continued from NAME of DATE: METHOD, N it' from the card's init_from record, or ''."""
+    start = training.get("init_from") or {}
+    if not start and training.get("config", {}).get("init_from"):
+        return f"continued from {training['config']['init_from']}"
+    if not start:
+        return ""
+    return (f"continued from {start.get('name', '?')} of {str(start.get('created', '?'))[:10]}: "
+            f"{start.get('method', '?')}, {start.get('iterations', '?')} it")
 
 
 def _compute(name: str, training: dict) -> str:
@@ -227,8 +248,8 @@ def _compute(name: str, training: dict) -> str:
     if state.is_file():
         run = json.loads(state.read_text())
         total, wall = run["iteration"], run["wall_time_s"]
-    start = training.get("config", {}).get("init_from")
-    start = f" (continued from {start})" if start else ""
+    start = _started_from(training)
+    start = f" ({start})" if start else ""
     return f"best at {best} of {total} it{start}, {round(wall / 60)} min, {training.get('hardware', '?')}"
 
 

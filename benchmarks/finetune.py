@@ -121,6 +121,9 @@ METHODS = {
     # slice-weight-2 (the default) scored on every slice of acdc and M&Ms-2 (load_cases; the rows above
     # score the slices the expert labeled): a fine-tune that adds heart beyond the labeled base counts
     "every-slice": {"steps": DEFAULTS["steps"], "slice_weight": 2.0},
+    # the abdomen model's recipe since 2026-12-03: its second-stage weights and its card's blend 0.25 for
+    # whole slices (the default recipe otherwise: the same as "default" run on that model)
+    "abdomen-12-03": {"steps": DEFAULTS["steps"]},
     "every-slice-weight-3": {"steps": DEFAULTS["steps"], "slice_weight": 3.0},
     # every-slice with the heart held to the start on the slices the user left alone (no heart past
     # its ends unless the user showed some, its end slices not widened, no slice's LV halved;
@@ -353,6 +356,10 @@ one 3D score per case) on the voxels that were **not** painted, before and after
   anchor) and supervised-only fine-tuning, from the earlier run on fewer cases, on the pipeline of
   2026-11-29 (some of its cardiac rows before the cardiac clean-up): compare them with each other,
   not with today's rows.
+- **abdomen-12-03**: the abdomen model's rows since 2026-12-03: its second training stage (CT seen
+  both ways round and made unenhanced: docs/hu-ct.md) and its card's recipe, the default with a
+  share of 0.25 for whole slices (`blend`); all six paintings, float32, a Xeon with two processes of
+  one thread. Its starts differ from the earlier abdomen rows' because the model does.
 - Start Dice bands are of the Dice on the unpainted voxels before fine-tuning.
 - Round times are wall seconds of the steps with two rounds sharing the 2 cores (a Zen 4, bf16);
   a default round alone on a 10-slice scan: `--timing` (docs/finetune-history.md). The btcv_ct rows of
@@ -707,8 +714,8 @@ BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 #: which rows are the shipped default's (said above the summary table in docs/benchmarks.md)
 DEFAULT_ROWS = ("The default recipe's rows: for the heart model (its card's recipe since 2026-12-03) `start-fill` "
                 "on whole slices (worst2, spread2: the anchor holding what the clean-up added to the start) and "
-                "`stroke-anchor-3, blend 0.3` on strokes, organ and brush; `every-slice` for the abdomen model; the "
-                "other methods are earlier defaults and probes, each described in finetune-benchmark.md.")
+                "`stroke-anchor-3, blend 0.3` on strokes, organ and brush; `abdomen-12-03` for the abdomen model "
+                "(its second-stage weights and card; `every-slice` before 2026-12-03); the other methods are earlier defaults and probes, each described in finetune-benchmark.md.")
 
 
 def write_summary(rows: list[dict], markdown: Path | None, benchmarks_md: Path | None = None) -> int:

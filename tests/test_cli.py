@@ -103,6 +103,9 @@ def test_info_json_prints_the_card_and_list_shows_user_models(ct_model, user_mod
     code, out, _ = _run(capsys, "list")
     assert code == 0 and "tiny-ct" in out and "user" in out
     assert load_model("mine").name == "tiny-ct"
+    # the shipped abdomen model was trained in two stages; info names the first
+    code, out, _ = _run(capsys, "info", "abdomen-ct-mri")
+    assert code == 0 and "started from abdomen-ct-mri of 2026-11-22: eam for 2000 iterations" in out
 
 
 def test_evaluate_writes_a_csv(toy_data, tmp_path, capsys):

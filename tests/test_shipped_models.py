@@ -81,3 +81,18 @@ def test_the_region_search_keeps_the_organs_of_a_real_ct(shared_data, monkeypatc
     per_class = {k: (dice(searched, reference, k), dice(whole, reference, k)) for k in model.classes if k > 0}
     assert all(s > 0.8 for s, _ in per_class.values()), per_class
     assert np.mean([s for s, _ in per_class.values()]) >= np.mean([w for _, w in per_class.values()]) - 0.005
+
+
+@pytest.mark.slow
+def test_the_abdomen_model_finds_the_organs_of_a_ct_with_its_spine_behind(shared_data):
+    """TotalSegmentator's small CT (3 mm, no contrast) is stored as scanners store CT: the spine
+    posterior. btcv_ct, the model's only CT, is stored mirrored front to back, and a model trained on
+    it alone found 12 % of this scan's spleen and none of its right kidney (docs/hu-ct.md).
+    Agreement with TotalSegmentator's labels, a model's opinion, not an expert's."""
+    model = load_model("abdomen-ct-mri", with_modules=False)
+    scan = load_volume(shared_data / "totalseg_examples" / "example_ct_sm.nii.gz")
+    theirs = map_labels(load_volume(shared_data / "totalseg_examples" / "example_seg.nii.gz").data,
+                        {5: 1, 1: 2, 2: 3, 3: 4})
+    labels = segment(model, scan).data
+    scores = {name: dice(labels, theirs, k) for k, name in model.classes.items() if k > 0}
+    assert min(scores.values()) > 0.6, scores

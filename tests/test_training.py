@@ -269,17 +269,18 @@ def test_unenhance_moves_btcv_tissues_toward_their_unenhanced_hu_and_leaves_the_
     source = next(s for s in load_config(CONFIGS / "abdomen-ct-mri.yaml").labeled if s.dataset == "btcv_ct")
     source.cases = ["case_11"]
     (case,) = load_cases(shared_data, source, {"CT": {"kind": "hu_window", "window": [-125, 275]}}, (1.25, 1.25))
-    assert case.tissues.shape == case.image.shape and case.unenhanced_probability == 0.3
-    kidney = case.tissues == 2  # btcv's right kidney: bright with contrast
+    extra = case.unenhanced
+    assert extra.tissues.shape == case.image.shape and extra.probability == 0.3 and extra.hu_per_unit == 400
+    kidney = extra.tissues == 2  # btcv's right kidney: bright with contrast
     z = int(np.argmax(kidney.sum((1, 2))))
     before = case.image[z]
-    assert 400 * case.unenhanced_shift[2] < -50  # its median lies well above 30 HU
-    after = unenhance(before, case.tissues[z], case.unenhanced_shift, np.random.default_rng(0))
+    assert 400 * extra.shift[2] < -50  # its median lies well above 30 HU
+    after = unenhance(before, extra.tissues[z], extra, np.random.default_rng(0))
     moved = 400 * (np.median(after[kidney[z]]) - np.median(before[kidney[z]]))
-    assert 400 * case.unenhanced_shift[2] - 15 <= moved < 0.3 * 400 * case.unenhanced_shift[2] + 10
+    assert 400 * extra.shift[2] - 15 <= moved < 0.3 * 400 * extra.shift[2] + 10
     from scipy.ndimage import distance_transform_edt
 
-    far = distance_transform_edt(~np.isin(case.tissues[z], list(case.unenhanced_shift))) > 4
+    far = distance_transform_edt(~np.isin(extra.tissues[z], list(extra.shift))) > 4
     assert np.allclose(after[far], before[far], atol=1e-4)
     with pytest.raises(ConsistentSegError, match="HU window"):
         load_cases(shared_data, source, {"CT": {"kind": "percentile", "percentiles": [1, 99]}})

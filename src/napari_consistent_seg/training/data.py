@@ -120,11 +120,19 @@ class LoadedCase:
     labels: np.ndarray | None
     spacing_mm: tuple[float, float, float]
     modality: str
-    # for ``unenhance``: the data set's own labels and, per label, the change (in normalised units)
-    # that takes the tissue's median to its unenhanced HU; None where the source sets no unenhanced_hu
-    tissues: np.ndarray | None = None
-    unenhanced_shift: dict | None = None
-    unenhanced_probability: float = 0.0
+    unenhanced: Unenhanced | None = None  # where the source sets unenhanced_hu
+
+
+@dataclass
+class Unenhanced:
+    """What ``unenhance`` needs of a case: the data set's own labels (``tissues``, on the case's grid),
+    per label the change in normalised units that takes the tissue's median to its unenhanced HU,
+    how often a slice is changed, and the HU of one normalised unit (the window's width)."""
+
+    tissues: np.ndarray
+    shift: dict[int, float]
+    probability: float
+    hu_per_unit: float
 
 
 def load_cases(root, source: Source, normalisation: dict, target_spacing_yx=None, *, with_labels=True) -> list[LoadedCase]:
@@ -133,49 +141,49 @@ def load_cases(root, source: Source, normalisation: dict, target_spacing_yx=None
     for case in source.select(root):
         vol = load_volume(case.image, modality=source.modality)
         image = normalise_intensity(vol.data, spec)
-        labels = tissues = shift = None
+        labels = unenhanced = None
         if with_labels:
             if case.label is None:
                 raise ConsistentSegError(f"{case.name}: no label file, but the config uses it as labeled")
             raw = load_labels(case.label, f"{case.name}'s labels").data
             labels = map_labels(raw, source.label_map)
             if source.unenhanced_hu:
-                tissues, shift = raw.astype(np.uint8), _unenhanced_shift(image, raw, source.unenhanced_hu, spec)
+                unenhanced = _unenhanced(image, raw.astype(np.uint8), source, spec)
         spacing = vol.geometry.spacing_mm
-        if tissues is not None:
-            _, tissues = resample_inplane(image, tissues, spacing, target_spacing_yx)
+        if unenhanced is not None:
+            _, unenhanced.tissues = resample_inplane(image, unenhanced.tissues, spacing, target_spacing_yx)
         image, labels = resample_inplane(image, labels, spacing, target_spacing_yx)
         if target_spacing_yx:
             spacing = (spacing[0], *target_spacing_yx)
-        out.append(LoadedCase(case.name, image, labels, tuple(spacing), source.modality, tissues, shift,
-                              source.unenhanced_probability if shift else 0.0))
+        out.append(LoadedCase(case.name, image, labels, tuple(spacing), source.modality, unenhanced))
     return out
 
 
-def _unenhanced_shift(image: np.ndarray, tissues: np.ndarray, unenhanced_hu: dict, spec: dict) -> dict[int, float]:
-    """Per data-set label present: unenhanced HU minus the tissue's median, in ``image``'s normalised units."""
+def _unenhanced(image: np.ndarray, tissues: np.ndarray, source: Source, spec: dict) -> Unenhanced | None:
+    """For each of ``source.unenhanced_hu``'s labels present, its unenhanced HU minus its median, in
+    ``image``'s normalised units; None where none is present."""
     if spec.get("kind") != "hu_window":
         raise ConsistentSegError("unenhanced_hu needs a CT source normalised with a HU window")
     lo, hi = (float(v) for v in spec["window"])
     shift = {}
-    for label, hu in unenhanced_hu.items():
+    for label, hu in source.unenhanced_hu.items():
         inside = tissues == int(label)
         if inside.any():
             shift[int(label)] = (float(hu) - lo) / (hi - lo) - float(np.median(image[inside]))
-    return shift
+    return Unenhanced(tissues, shift, source.unenhanced_probability, hi - lo) if shift else None
 
 
-def unenhance(image: np.ndarray, tissues: np.ndarray, shift: dict, rng: np.random.Generator) -> np.ndarray:
-    """A contrast CT slice made to look unenhanced, for augmentation.
+def unenhance(image: np.ndarray, tissues: np.ndarray, case: Unenhanced, rng: np.random.Generator) -> np.ndarray:
+    """A contrast CT slice (``tissues``: its labels) made to look unenhanced, for augmentation.
 
     Each labelled tissue moves a share ``a`` (drawn from 0.3-1, so later and weaker phases too) of the
     way from its median to its unenhanced value, all tissues together offset by up to -15..+10 HU
     (scanners and doses differ); the change is blurred over about a pixel, so no step edge tells the
     network where a label ends. Texture and unlabelled tissue (fat, muscle, bone, bowel) stay as they are.
     """
-    share, offset = rng.uniform(0.3, 1.0), rng.uniform(-15.0, 10.0) / 400.0
+    share, offset = rng.uniform(0.3, 1.0), rng.uniform(-15.0, 10.0) / case.hu_per_unit
     change = np.zeros(image.shape, np.float32)
-    for label, value in shift.items():
+    for label, value in case.shift.items():
         change[tissues == label] = share * value + offset
     if not change.any():
         return image
@@ -200,7 +208,7 @@ class SliceStream:
         self.patch = tuple(int(p) for p in patch_size)
         self.fg, self.fg_from = foreground_fraction, foreground_from
         self.rng = np.random.default_rng(seed)
-        self.unenhanced: list[tuple | None] = [None] * len(images)  # per volume, see from_cases
+        self.unenhanced: list[Unenhanced | None] = [None] * len(images)  # per volume, see from_cases
         self.index = []
         for v, img in enumerate(images):
             allowed = np.ones(img.shape[0], bool) if slice_masks is None else slice_masks[v]
@@ -211,8 +219,7 @@ class SliceStream:
     @classmethod
     def from_cases(cls, cases: list[LoadedCase], patch_size, *, use_labels=True, **kw) -> "SliceStream":
         stream = cls([c.image for c in cases], [c.labels if use_labels else None for c in cases], patch_size, **kw)
-        stream.unenhanced = [(c.tissues, c.unenhanced_shift, c.unenhanced_probability) if c.unenhanced_shift
-                             else None for c in cases]
+        stream.unenhanced = [c.unenhanced for c in cases]
         return stream
 
     def __len__(self) -> int:
@@ -244,9 +251,9 @@ class SliceStream:
             has_labels &= lab is not None
             y0, x0 = self._crop_origin(img.shape, lab)
             crop = img[y0:y0 + ph, x0:x0 + pw]
-            if self.unenhanced[v] is not None and self.rng.random() < self.unenhanced[v][2]:
-                tissues, shift, _ = self.unenhanced[v]
-                crop = unenhance(crop, tissues[z, y0:y0 + ph, x0:x0 + pw], shift, self.rng)
+            extra = self.unenhanced[v]
+            if extra is not None and self.rng.random() < extra.probability:
+                crop = unenhance(crop, extra.tissues[z, y0:y0 + ph, x0:x0 + pw], extra, self.rng)
             images[b, 0, :crop.shape[0], :crop.shape[1]] = crop
             if lab is not None:
                 lcrop = lab[y0:y0 + ph, x0:x0 + pw]

@@ -121,9 +121,6 @@ METHODS = {
     # slice-weight-2 (the default) scored on every slice of acdc and M&Ms-2 (load_cases; the rows above
     # score the slices the expert labeled): a fine-tune that adds heart beyond the labeled base counts
     "every-slice": {"steps": DEFAULTS["steps"], "slice_weight": 2.0},
-    # the abdomen model's recipe since 2026-12-03: its second-stage weights and its card's blend 0.25 for
-    # whole slices (the default recipe otherwise: the same as "default" run on that model)
-    "abdomen-12-03": {"steps": DEFAULTS["steps"]},
     "every-slice-weight-3": {"steps": DEFAULTS["steps"], "slice_weight": 3.0},
     # every-slice with the heart held to the start on the slices the user left alone (no heart past
     # its ends unless the user showed some, its end slices not widened, no slice's LV halved;
@@ -148,20 +145,26 @@ METHODS = {
     # card's 1, foreground and background alike, stays for whole slices) and half their change kept
     "stroke-anchor-3": {"steps": DEFAULTS["steps"], "slice_weight": 2.0, "blend": 0.85, "anchor_to_start": True,
                         "stroke_anchor": 3.0, "stroke_anchor_groups": "voxels", "stroke_blend": 0.5},
+    # the abdomen model's rows since 2026-12-03: its second-stage weights and its card's recipe (the
+    # default with blend 0.25 for whole slices), as "default" runs it on that model
+    "abdomen-12-03": {"steps": DEFAULTS["steps"]},
 }
+#: methods that run a model's card recipe as it is: the loops below leave them alone
+CARD_RECIPE = ("default", "abdomen-12-03")
 #: every method before slice-weight-2 ran with the supervised loss weighted 1
 for _name in list(METHODS)[:list(METHODS).index("slice-weight-2")]:
-    if _name != "default":
+    if _name not in CARD_RECIPE:
         METHODS[_name].setdefault("slice_weight", 1.0)
 #: and every method since stroke-blend kept half the change for whole slices: the cardiac card keeps
 #: 0.85 since the evening of 2026-12-02 (its rows: "held-heart, blend 0.85" on whole slices)
 for _name in list(METHODS)[list(METHODS).index("stroke-blend") + 1:]:
-    METHODS[_name].setdefault("blend", DEFAULTS["blend"])
+    if _name not in CARD_RECIPE:
+        METHODS[_name].setdefault("blend", DEFAULTS["blend"])
 #: and every method before stroke-anchor-3 anchored strokes as whole slices and kept its own share of
 #: their change, else DEFAULTS', as the cardiac card did until 2026-12-03 (`options_for`: their rows stay
 #: reproducible)
 for _name in list(METHODS)[:list(METHODS).index("stroke-anchor-3")]:
-    if _name != "default":
+    if _name not in CARD_RECIPE:
         METHODS[_name]["strokes_as_slices"] = True
 
 

@@ -27,6 +27,7 @@ import yaml
 from napari_consistent_seg.inference import keep_largest_components, segment, uses_region
 from napari_consistent_seg.io import load_volume
 from napari_consistent_seg.metrics import evaluate_labels, format_table, summarise
+from napari_consistent_seg.models.card import TrainingRecord
 from napari_consistent_seg.models.store import SHIPPED_DIR, load_model
 from napari_consistent_seg.training.config import config_from_dict
 from napari_consistent_seg.training.data import map_labels
@@ -93,11 +94,8 @@ def matched_budget(name: str) -> int | None:
     for other_task, *_, shipped in VARIANTS.values():
         card = SHIPPED_DIR / shipped / "card.json" if shipped else None
         if other_task == task and card is not None and card.is_file():
-            training = json.loads(card.read_text())["training"]
-            total, start = int(training["iterations"]), training.get("init_from")
-            while start:
-                total, start = total + int(start.get("iterations", 0)), start.get("started_from")
-            return total
+            training = TrainingRecord.from_dict(json.loads(card.read_text())["training"])
+            return training.iterations + sum(int(stage.get("iterations", 0)) for stage in training.earlier_stages)
     return None
 
 
@@ -218,8 +216,8 @@ def targets(reports: dict) -> list[str]:
     lines.append(_verdict(_mean_dice(reports, "eam", "MR"), joint_mr, "(not a target) abdomen, EAM on MR >= joint without EAM"))
     start = _started_from(reports.get("eam", {}).get("training", {}))
     if start:
-        lines.append(f"- (the eam model was {start}, so it trained longer than the baselines it is compared with "
-                     "here: not like for like; [training.md](training.md), *The shipped models*, has its first "
+        lines.append(f"- (the eam model was {start}, so it trained longer than the baselines it is compared "
+                     "with here: not like for like; [training.md](training.md), *The shipped models*, has its first "
                      "stage's figures at the baselines' budget)")
     lines += ["", "Why a target is missed, what was tried and what it would take: [training.md](training.md), "
               "*Where the ICL result stands*."]

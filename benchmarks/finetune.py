@@ -718,7 +718,8 @@ BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 DEFAULT_ROWS = ("The default recipe's rows: for the heart model (its card's recipe since 2026-12-03) `start-fill` "
                 "on whole slices (worst2, spread2: the anchor holding what the clean-up added to the start) and "
                 "`stroke-anchor-3, blend 0.3` on strokes, organ and brush; `abdomen-12-03` for the abdomen model "
-                "(its second-stage weights and card; `every-slice` before 2026-12-03); the other methods are earlier defaults and probes, each described in finetune-benchmark.md.")
+                "(its second-stage weights and card; `every-slice` before 2026-12-03); the other methods are "
+                "earlier defaults and probes, each described in finetune-benchmark.md.")
 
 
 def write_summary(rows: list[dict], markdown: Path | None, benchmarks_md: Path | None = None) -> int:

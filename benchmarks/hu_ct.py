@@ -136,8 +136,9 @@ def main(argv=None) -> int:
     agreement_mirrored = organ_dice(mirrored_ap(model, dicom), totalseg, classes)
     small = load_volume(data / "totalseg_examples" / "example_ct_sm.nii.gz")
     small_seg = load_volume(data / "totalseg_examples" / "example_seg.nii.gz").data
-    small_agreement = organ_dice(segment(model, small).data, map_labels(small_seg, TOTALSEG_TO_OURS), classes)
-    small_mirrored = organ_dice(mirrored_ap(model, small), map_labels(small_seg, TOTALSEG_TO_OURS), classes)
+    small_theirs = map_labels(small_seg, TOTALSEG_TO_OURS)
+    small_agreement = organ_dice(segment(model, small).data, small_theirs, classes)
+    small_mirrored = organ_dice(mirrored_ap(model, small), small_theirs, classes)
     aorta_hu = float(np.median(small.data[small_seg == TOTALSEG_AORTA]))
 
     def listed(scores):

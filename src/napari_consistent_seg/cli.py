@@ -299,11 +299,9 @@ def cmd_info(args) -> int:
     if training.method:
         print(f"  trained: {training.method} for {training.iterations} iterations, "
               f"{training.wall_time_s} s on {training.hardware}")
-    start = training.extra.get("init_from")
-    while start:  # each earlier training stage, newest first
+    for start in training.earlier_stages:
         print(f"  started from {start.get('name', '?')} of {str(start.get('created', '?'))[:10]}: "
               f"{start.get('method', '?')} for {start.get('iterations', '?')} iterations")
-        start = start.get("started_from")
     for record in card.fine_tuning:  # a fine-tuned model: each round, oldest first
         slices = record.get("painted_slices") or []
         print(f"  fine-tuned from {record.get('from_model', '?')} ({record.get('method', '?')}): "

@@ -155,6 +155,16 @@ class TrainingRecord:
         return cls(**{k: v for k, v in raw.items() if k in known},
                    extra={k: v for k, v in raw.items() if k not in known})
 
+    @property
+    def earlier_stages(self) -> list[dict]:
+        """The trainings these weights started from (``init_from`` records, newest first; empty for a
+        model trained from scratch): name, created, method, iterations, commands, notes."""
+        stages, start = [], self.extra.get("init_from")
+        while start:
+            stages.append(start)
+            start = start.get("started_from")
+        return stages
+
     def to_dict(self) -> dict:
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
         if self.iterations_planned is None:

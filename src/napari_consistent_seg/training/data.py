@@ -82,11 +82,16 @@ def resample_inplane(image: np.ndarray, labels: np.ndarray | None, spacing_mm, t
     if size is None:
         return image, labels
     img = F.interpolate(torch.from_numpy(image)[:, None], size=size, mode="bilinear", align_corners=False)
-    image = img[:, 0].numpy()
-    if labels is not None:
-        lab = F.interpolate(torch.from_numpy(labels)[:, None].float(), size=size, mode="nearest")
-        labels = lab[:, 0].numpy().astype(np.uint8)
-    return image, labels
+    return img[:, 0].numpy(), None if labels is None else resample_labels(labels, spacing_mm, target_yx)
+
+
+def resample_labels(labels: np.ndarray, spacing_mm, target_yx) -> np.ndarray:
+    """(Z, Y, X) uint8 labels resampled as ``resample_inplane`` resamples them (nearest), without an image."""
+    size = inplane_size(labels.shape[1:], spacing_mm, target_yx)
+    if size is None:
+        return labels
+    lab = F.interpolate(torch.from_numpy(labels)[:, None].float(), size=size, mode="nearest")
+    return lab[:, 0].numpy().astype(np.uint8)
 
 
 @dataclass
@@ -151,7 +156,7 @@ def load_cases(root, source: Source, normalisation: dict, target_spacing_yx=None
                 unenhanced = _unenhanced(image, raw.astype(np.uint8), source, spec)
         spacing = vol.geometry.spacing_mm
         if unenhanced is not None:
-            _, unenhanced.tissues = resample_inplane(image, unenhanced.tissues, spacing, target_spacing_yx)
+            unenhanced.tissues = resample_labels(unenhanced.tissues, spacing, target_spacing_yx)
         image, labels = resample_inplane(image, labels, spacing, target_spacing_yx)
         if target_spacing_yx:
             spacing = (spacing[0], *target_spacing_yx)

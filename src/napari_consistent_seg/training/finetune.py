@@ -26,7 +26,7 @@ from ..models.modules import EAMModule, ICLModules
 from ..models.store import Model
 from . import losses
 from .augment import Augmentation
-from .data import SliceStream, resample_inplane
+from .data import SliceStream, resample_inplane, resample_labels
 
 #: The default recipe (see docs/training.md, "Fine-tuning", and benchmarks/finetune.py); a model
 #: card's ``finetune`` overrides it for its model (`recipe`).
@@ -286,7 +286,7 @@ class Finetuner:
         grid = (prepared.spacing_mm or (1, 1, 1), self.trained.card.target_spacing_mm if prepared.spacing_mm else None)
         data, encoded = resample_inplane(prepared.data, encoded, *grid)
         if self.has_start:
-            encoded = self._mark_start(data, encoded, resample_inplane(prepared.data, start.astype(np.uint8), *grid)[1])
+            encoded = self._mark_start(data, encoded, resample_labels(start.astype(np.uint8), *grid))
         patch = [min(p, n) for p, n in zip(self.trained.card.patch_size, data.shape[1:])]
         is_labeled = np.zeros(data.shape[0], bool)
         is_labeled[labeled] = True

@@ -67,7 +67,7 @@ CHAOS_MAP = {1: 1, 4: 2, 2: 3, 3: 4}
 #: The methods of before 2026-12-01 blend the last step's weights (``average_last`` 0), and every
 #: method but "default" and "stroke-blend" keeps one share for whole slices and strokes alike.
 def _share(b: float) -> dict:
-    return {"blend": b, "stroke_blend": b}
+    return {"blend": b, "stroke_blend": b, "touchup_blend": b}
 
 
 LAST = {**DEFAULTS, **_share(DEFAULTS["blend"]), "average_last": 0.0, "slice_weight": 1.0}
@@ -148,9 +148,13 @@ METHODS = {
     # the abdomen model's rows since 2026-12-03: its second-stage weights and its card's recipe (the
     # default with blend 0.25 for whole slices), as "default" runs it on that model
     "abdomen-12-03": {"steps": DEFAULTS["steps"]},
+    # each model's card recipe since the evening of 2026-12-03, as the widget runs it (the anchor holding
+    # what the clean-up added to the start): the cardiac card keeps 0.35 of the change for strokes and
+    # 0.25 for a touch-up (strokes that change under touchup_below of the voxels they label from the start)
+    "touchup": {"steps": DEFAULTS["steps"], "anchor_to_start": True},
 }
 #: methods that run a model's card recipe as it is: the loops below leave them alone
-CARD_RECIPE = ("default", "abdomen-12-03")
+CARD_RECIPE = ("default", "abdomen-12-03", "touchup")
 #: every method before slice-weight-2 ran with the supervised loss weighted 1
 for _name in list(METHODS)[:list(METHODS).index("slice-weight-2")]:
     if _name not in CARD_RECIPE:
@@ -166,6 +170,10 @@ for _name in list(METHODS)[list(METHODS).index("stroke-blend") + 1:]:
 for _name in list(METHODS)[:list(METHODS).index("stroke-anchor-3")]:
     if _name not in CARD_RECIPE:
         METHODS[_name]["strokes_as_slices"] = True
+#: and every method before touchup kept its strokes' share for a touch-up too (`options_for`)
+for _name in list(METHODS)[:list(METHODS).index("touchup")]:
+    if _name not in CARD_RECIPE:
+        METHODS[_name]["touchups_as_strokes"] = True
 
 
 HEADER = """# Fine-tuning benchmark
@@ -319,11 +327,17 @@ one 3D score per case) on the voxels that were **not** painted, before and after
 - **stroke-anchor-3**: `start-fill` with a round of strokes anchored as the recipe's DEFAULTS do
   (weight 3, every voxel alike, not the cardiac card's 1 with foreground and background alike) and
   half its change kept; **stroke-anchor-3, blend B** the same training with the share B. The heart's
-  72 stroke, organ and dab rounds, seed 0, the same machine and setting, 2026-12-03. **Its `blend
-  0.3` rows are the heart's default for strokes since then** (the cardiac card's `stroke_anchor` 3,
+  72 stroke, organ and dab rounds, seed 0, the same machine and setting, 2026-12-03. Its `blend
+  0.3` rows were the heart's default for strokes that day (the cardiac card's `stroke_anchor` 3,
   `stroke_anchor_groups` "voxels", `stroke_blend` 0.3); its whole slices stay `start-fill`'s. The
   methods above it anchor strokes as their whole slices, at their own share or DEFAULTS' 0.25 (as
-  the card did when they ran).
+  the card did when they ran). Every method before `touchup` keeps its strokes' share for a touch-up.
+- **touchup**: each model's card recipe as the widget runs it, since the evening of 2026-12-03: for the
+  heart, `stroke-anchor-3` keeping 0.35 of a round of strokes' change, or 0.25 when the round is a
+  touch-up (strokes that change fewer than 72 % of the voxels they label from the start:
+  `touchup_blend`, `touchup_below`). **The heart's default for strokes**: its 72 stroke, organ and
+  dab rounds, seed 0, the same machine and setting; each row equals the `stroke-anchor-3` row of the
+  share it picks. Whole slices are `start-fill`'s (the recipe did not change).
 - **held-heart, anchor 0**: `held-heart` with no anchor (`--set-option held-heart.anchor=0
   held-heart.blend=0.85`, renamed so): the heart's 96 exact rounds (no brush), seed 0, the night of
   2026-12-02 before the collapsed-slice refill and the 90 % whole-slice rule; **held-heart, 120
@@ -514,13 +528,17 @@ def corrections(case: Case, pred: np.ndarray, mode: str, rng) -> tuple[np.ndarra
 def options_for(model, options: dict) -> dict:
     """The recipe a method runs on ``model``: the card's, with the method's options over it; strokes
     anchored as the method's (else the card's) whole slices, with DEFAULTS' share, where the method
-    says ``strokes_as_slices``."""
+    says ``strokes_as_slices``; a touch-up given the strokes' share where it says ``touchups_as_strokes``."""
     options, card = dict(options), recipe(model)
+    touchups_as_strokes = options.pop("touchups_as_strokes", False)
     if options.pop("strokes_as_slices", False):
         options.setdefault("stroke_blend", DEFAULTS["stroke_blend"])
         for key in ("anchor", "anchor_groups"):
             options.setdefault("stroke_" + key, options.get(key, card[key]))
-    return {**card, **options}
+    chosen = {**card, **options}
+    if touchups_as_strokes:
+        chosen["touchup_blend"] = chosen["stroke_blend"]
+    return chosen
 
 
 def tuner_for(model, case: Case, labels, known, options: dict, start: np.ndarray) -> Finetuner:
@@ -681,7 +699,8 @@ def main(argv=None) -> int:
                 chosen = options_for(model, options)
                 # None: the round's own share, as the Accept; a number: that share (the own row already
                 # when the method has one share for whole slices and strokes alike)
-                same = {chosen["blend"]} if chosen["blend"] == chosen["stroke_blend"] else set()
+                shares = {chosen[key] for key in ("blend", "stroke_blend", "touchup_blend")}
+                same = shares if len(shares) == 1 else set()
                 blends = [None, *sorted(set(args.blends or []) - same)]
                 names = {b: name if b is None else f"{name}, blend {b:g}" for b in blends}
                 if all((case.name, paint, n) in done for n in names.values()):
@@ -717,7 +736,8 @@ BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 #: which rows are the shipped default's (said above the summary table in docs/benchmarks.md)
 DEFAULT_ROWS = ("The default recipe's rows: for the heart model (its card's recipe since 2026-12-03) `start-fill` "
                 "on whole slices (worst2, spread2: the anchor holding what the clean-up added to the start) and "
-                "`stroke-anchor-3, blend 0.3` on strokes, organ and brush; `abdomen-12-03` for the abdomen model "
+                "`touchup` on strokes, organ and brush (since the evening of 2026-12-03; `stroke-anchor-3, blend "
+                "0.3` before); `abdomen-12-03` for the abdomen model "
                 "(its second-stage weights and card; `every-slice` before 2026-12-03); the other methods are "
                 "earlier defaults and probes, each described in finetune-benchmark.md.")
 

@@ -9,6 +9,7 @@ import torch
 
 from napari_consistent_seg.cli import main
 from napari_consistent_seg.errors import Cancelled, ConsistentSegError, ShapeMismatchError
+from napari_consistent_seg.inference import predict_volume
 from napari_consistent_seg.io import Geometry, load_volume, save_nifti
 from napari_consistent_seg.models.store import load_model, save_model
 from napari_consistent_seg.training import losses
@@ -367,13 +368,15 @@ def test_the_anchor_holds_the_start_the_user_accepted_where_the_teacher_calls_ot
 def test_the_card_sets_the_models_recipe(tiny_model_path):
     """Options left unset come from the card's ``finetune`` over DEFAULTS; the shipped cardiac model
     anchors whole painted slices' foreground and background alike with weight 1 (strokes: every voxel
-    alike, weight 3, as DEFAULTS), keeps 0.85 of the change for whole painted slices and 0.3 for
-    strokes, and draws the other slices' patches at two thirds of the edge; the abdomen model keeps
-    a quarter of the change for whole slices (its second stage, docs/finetune-history.md)."""
+    alike, weight 3, as DEFAULTS), keeps 0.85 of the change for whole painted slices, 0.35 for
+    strokes and 0.25 for a touch-up, and draws the other slices' patches at two thirds of the edge;
+    the abdomen model keeps a quarter of the change for whole slices (its second stage,
+    docs/finetune-history.md)."""
     from napari_consistent_seg.training.finetune import DEFAULTS, recipe
 
     assert recipe(load_model("cardiac-cine-mri")) == {**DEFAULTS, "anchor": 1.0, "anchor_groups": "foreground",
-                                                      "blend": 0.85, "stroke_blend": 0.3, "other_patch_scale": 0.667}
+                                                      "blend": 0.85, "stroke_blend": 0.35, "touchup_blend": 0.25,
+                                                      "other_patch_scale": 0.667}
     assert recipe(load_model("abdomen-ct-mri")) == {**DEFAULTS, "blend": 0.25}
     model = load_model(tiny_model_path)
     model.card.finetune = {"anchor": 2.0, "anchor_groups": "classes", "steps": 3}
@@ -646,6 +649,40 @@ def test_strokes_keep_a_smaller_share_of_the_change_than_whole_slices(tiny_model
             Finetuner(model, image, truth, known, stroke_blend=bad, batch_size=2)
     with pytest.raises(ConsistentSegError, match="stroke_blend"):
         dataclasses.replace(model.card, finetune={"stroke_blend": 2.0})
+
+
+def test_a_touch_up_keeps_its_own_share_of_the_change(tiny_model_path):
+    """Strokes that change fewer than ``touchup_below`` of the voxels they label from the start (the
+    start's labels, else the starting network's call) are a touch-up and keep ``touchup_blend`` of the
+    change; strokes that change more keep ``stroke_blend``; whole slices ``blend`` whatever they change.
+    The record says the share of changed voxels; a card may set both; bad values get a clear error."""
+    model = load_model(tiny_model_path)
+    model.card.finetune = {"stroke_blend": 0.4, "touchup_blend": 0.2}
+    image, truth = scan()
+    known = np.zeros(truth.shape, bool)
+    known[2, 10:20, 10:20] = True  # 48 of its 100 voxels inside the box labelled 3
+    start = truth.copy()
+    start[2, 10:20, 14:16] = 0  # the start misses 16 of them: the user changes 16 %
+    touchup = Finetuner(model, image, truth, known, start=start, batch_size=2)
+    assert touchup.changed_share == pytest.approx(0.16) and touchup.blend == 0.2
+    assert touchup.share_text == ("0.2 of the change kept (a touch-up: 16 % of the voxels they label changed "
+                                  "from the start)")
+    start[2, 10:20, 10:20] = 0  # misses all 48: 48 % changed, under 0.72
+    assert Finetuner(model, image, truth, known, start=start, batch_size=2).blend == 0.2
+    assert Finetuner(model, image, truth, known, start=start, touchup_below=0.4, batch_size=2).blend == 0.4
+    start[2] = 2  # every voxel relabelled: strokes
+    strokes = finetune(model, image, truth, known, start=start, steps=1, batch_size=2)
+    assert strokes.changed_share == 1.0 and strokes.blend == 0.4
+    assert strokes.finished_model().card.fine_tuning[-1]["changed_share"] == 1.0
+    whole = Finetuner(model, image, truth, start=start, batch_size=2)
+    assert whole.changed_share is None and whole.share_text == "0.5 of the change kept (whole slices)"
+    # without a start, the starting network's own call
+    call = predict_volume(model, image, device="cpu", keep_largest=False).labels
+    own = Finetuner(model, image, truth, known, batch_size=2).changed_share
+    assert own == pytest.approx((call[known] != truth[known]).mean(), abs=0.02)
+    for key, bad in (("touchup_blend", 0), ("touchup_below", 1.0)):
+        with pytest.raises(ConsistentSegError, match=key):
+            Finetuner(model, image, truth, known, batch_size=2, **{key: bad})
 
 
 def test_strokes_have_their_own_anchor(tiny_model_path):

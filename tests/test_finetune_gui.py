@@ -53,6 +53,8 @@ def test_segment_correct_in_place_finetune_accept_repeat_revert_save(make_napari
     assert finetune.run()
     wait_done(qtbot, finetune)
     assert finetune.steps_done == 4 and finetune.preview_layer is not None
+    assert f"{finetune.tuner.share_text}:" in finetune.runner.status.text()  # the share kept, and why
+    assert finetune.tuner.changed_share is not None  # strokes, not whole slices
     assert finetune.accept()
     wait_done(qtbot, finetune)
     assert finetune.result_layer is seg and finetune.preview_layer is None

@@ -197,7 +197,7 @@ def cmd_finetune(args) -> int:
     target = save_nifti(merged, volume.geometry, outdir / f"{_nifti_stem(Path(args.image))}.nii.gz", is_label=True)
     folder = save_model(outdir / "model", tuned.backbone, tuned.card, tuned.modules)
     print(f"{target}\t{tuner.steps_done} steps in {tuner.elapsed_s:.1f} s on {len(tuner.painted_slices)} "
-          f"painted slices ({tuner.known_voxels} known voxels)")
+          f"painted slices ({tuner.known_voxels} known voxels); {tuner.share_text}")
     print(f"{folder}\tmodel (load it with --model {folder})")
     changed = most_changed_slices(start, merged, known)
     if changed:  # slices as napari's slider numbers them (the scan's own, a cine's phases summed)

@@ -312,8 +312,9 @@ class FinetuneWidget(QWidget):
             if r["whole_slices"] is not None:  # from now on, Accept fills this layer: keep what was painted
                 r["recorder"].base = r["whole_slices"]
             if self.steps_done:
-                self.runner.status.setText(f"{self.runner.status.text()} {self.steps_done} steps so far: Accept, "
-                                           "Revert, Save as, or Fine-tune again to continue.")
+                self.runner.status.setText(f"{self.runner.status.text()} {self.steps_done} steps so far, "
+                                           f"{self.tuner.share_text}: Accept, Revert, Save as, or Fine-tune "
+                                           "again to continue.")
         self._round = {}
         self._update_buttons()
 

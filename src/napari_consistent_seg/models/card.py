@@ -53,19 +53,22 @@ ANCHOR_GROUPS = ("voxels", "foreground", "classes", "voxels+classes")
 FINETUNE_METHODS = ("supervised", "icl")
 #: The fine-tuning recipe a card may set for its model (``finetune``), over training.finetune.DEFAULTS.
 FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anchor_groups": str,
-                 "stroke_anchor": float, "stroke_anchor_groups": str, "blend": float,
-                 "stroke_blend": float, "slice_weight": float, "other_patches": int, "other_patch_scale": float,
-                 "average_last": float, "confidence_threshold": float}
+                 "stroke_anchor": float, "stroke_anchor_groups": str, "blend": float, "stroke_blend": float,
+                 "touchup_blend": float, "touchup_below": float, "slice_weight": float, "other_patches": int,
+                 "other_patch_scale": float, "average_last": float, "confidence_threshold": float}
 
 
 #: The fine-tuning options that are shares in (0, 1], and what each is a share of.
 _SHARES = {"blend": "the share of the fine-tune's weight change kept",
            "stroke_blend": "the share of the fine-tune's weight change kept",
+           "touchup_blend": "the share of the fine-tune's weight change kept",
            "other_patch_scale": "the other slices' patch edge as a share of the card's patch size"}
 #: The fine-tuning options in [0, 1), and what each is.
 _BELOW_ONE = {"confidence_threshold": "ICL's terms count where the network's top class probability reaches it; "
                                       "0: everywhere",
-              "average_last": "the share of the planned steps, at the end, whose weights are averaged"}
+              "average_last": "the share of the planned steps, at the end, whose weights are averaged",
+              "touchup_below": "strokes that change fewer than this share of the voxels they label from the "
+                               "start are a touch-up"}
 
 
 def finetune_option_problem(key: str, value) -> str | None:

@@ -32,7 +32,7 @@ from .data import SliceStream, resample_inplane, resample_labels
 #: card's ``finetune`` overrides it for its model (`recipe`).
 DEFAULTS = {"method": "supervised", "steps": 60, "lr": 3e-4, "anchor": 3.0, "anchor_groups": "voxels",
             "stroke_anchor": 3.0, "stroke_anchor_groups": "voxels", "blend": 0.5, "stroke_blend": 0.25,
-            "slice_weight": 2.0, "other_patches": 4,
+            "touchup_blend": 0.25, "touchup_below": 0.72, "slice_weight": 2.0, "other_patches": 4,
             "other_patch_scale": 1.0, "average_last": 0.5, "confidence_threshold": 0.95}
 
 
@@ -56,8 +56,8 @@ def recipe(model) -> dict:
     """The fine-tuning recipe of ``model`` (a Model or its ModelCard): DEFAULTS, with what the
     card's ``finetune`` sets. The shipped cardiac model anchors whole painted slices' foreground
     and background alike with weight 1 (never more than a point worse on 48 cardiac rounds, where
-    the plain anchor 3 lost 2.3 once), strokes as DEFAULTS do, keeping 0.3 of their change (napari's
-    dabs: 75-85 % +3.08, worst -0.64 on 31 rounds; docs/training.md)."""
+    the plain anchor 3 lost 2.3 once), strokes as DEFAULTS do, keeping 0.35 of their change, 0.25 for a
+    touch-up (docs/training.md, docs/finetune-history.md)."""
     card = getattr(model, "card", model)
     return {**DEFAULTS, **card.finetune}
 
@@ -194,7 +194,9 @@ class Finetuner:
     starting and the trained network, as WiSE-FT) when every corrected slice is known whole (at
     least ``WHOLE_SLICE_SHARE`` of its voxels);
     ``stroke_blend`` the share when the corrections are strokes (a slice known in part: brush dabs
-    paint one label over their disk, right or wrong, so they are trusted less; docs/finetune-history.md).
+    paint one label over their disk, right or wrong, so they are trusted less; docs/finetune-history.md),
+    and ``touchup_blend`` when they are a touch-up: strokes that change fewer than ``touchup_below`` of
+    the voxels they label from the start's labels (``self.changed_share``; :meth:`_changed_share`).
     ``stroke_anchor`` and ``stroke_anchor_groups`` replace ``anchor`` and ``anchor_groups`` in a
     round of strokes (``self.anchor``, ``self.anchor_groups``: those in use).
     ``self.blend`` is the share in use. ``slice_weight`` weighs the supervised loss when every
@@ -213,18 +215,21 @@ class Finetuner:
                  spacing_mm=None, modality: str | None = None, device=None, method: str | None = None,
                  lr: float | None = None, anchor: float | None = None, anchor_groups: str | None = None,
                  stroke_anchor: float | None = None, stroke_anchor_groups: str | None = None,
-                 blend: float | None = None, stroke_blend: float | None = None, slice_weight: float | None = None,
+                 blend: float | None = None, stroke_blend: float | None = None, touchup_blend: float | None = None,
+                 touchup_below: float | None = None, slice_weight: float | None = None,
                  other_patches: int | None = None, other_patch_scale: float | None = None, steps: int | None = None,
                  average_last: float | None = None, batch_size: int = 4,
                  confidence_threshold: float | None = None, seed: int = 0, start: np.ndarray | None = None):
         given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups,
                  "stroke_anchor": stroke_anchor, "stroke_anchor_groups": stroke_anchor_groups, "blend": blend,
-                 "stroke_blend": stroke_blend, "slice_weight": slice_weight, "other_patches": other_patches,
+                 "stroke_blend": stroke_blend, "touchup_blend": touchup_blend, "touchup_below": touchup_below,
+                 "slice_weight": slice_weight, "other_patches": other_patches,
                  "other_patch_scale": other_patch_scale, "steps": steps, "average_last": average_last,
                  "confidence_threshold": confidence_threshold}
         chosen = {**recipe(model), **{k: v for k, v in given.items() if v is not None}}
-        (method, lr, anchor, anchor_groups, stroke_anchor, stroke_anchor_groups, blend, stroke_blend, slice_weight,
-         other_patches, other_patch_scale, steps, average_last, confidence_threshold) = (chosen[k] for k in given)
+        (method, lr, anchor, anchor_groups, stroke_anchor, stroke_anchor_groups, blend, stroke_blend, touchup_blend,
+         touchup_below, slice_weight, other_patches, other_patch_scale, steps, average_last,
+         confidence_threshold) = (chosen[k] for k in given)
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
         for key in given:
@@ -260,7 +265,6 @@ class Finetuner:
         self.method = method
         self.anchor, self.anchor_groups = float(stroke_anchor if strokes else anchor), (
             stroke_anchor_groups if strokes else anchor_groups)
-        self.blend = float(stroke_blend if strokes else blend)
         self.seg_weight = 1.0 if strokes else float(slice_weight)
         self.painted_slices = [int(z) for z in labeled]
         # only the cardiac clean-up adds labels (a refilled slice); the others only remove (_mark_start)
@@ -285,8 +289,15 @@ class Finetuner:
         encoded = np.where(known, labels.astype(np.int64) + KNOWN, UNKNOWN).astype(np.uint8)
         grid = (prepared.spacing_mm or (1, 1, 1), self.trained.card.target_spacing_mm if prepared.spacing_mm else None)
         data, encoded = resample_inplane(prepared.data, encoded, *grid)
+        start = resample_labels(start.astype(np.uint8), *grid) if start is not None and (
+            strokes or self.has_start) else None
+        # strokes: the share of the voxels they label that the user changed from the start (the start's
+        # labels, else the starting network's call); below touchup_below, a touch-up
+        self.changed_share = self._changed_share(data, encoded, labeled, start) if strokes else None
+        self.touchup = strokes and self.changed_share < touchup_below
+        self.blend = float(touchup_blend if self.touchup else stroke_blend if strokes else blend)
         if self.has_start:
-            encoded = self._mark_start(data, encoded, resample_labels(start.astype(np.uint8), *grid))
+            encoded = self._mark_start(data, encoded, start)
         patch = [min(p, n) for p, n in zip(self.trained.card.patch_size, data.shape[1:])]
         is_labeled = np.zeros(data.shape[0], bool)
         is_labeled[labeled] = True
@@ -324,12 +335,26 @@ class Finetuner:
         the cardiac clean-up (``has_start``), the one that adds; the shipped cardiac model does not
         resample slices in-plane. The abdomen model does, and its start resampled to the model's
         grid parts from the teacher's call along boundaries too (btcv_ct case_14: 11,441 voxels)."""
-        k = self.teacher.out_channels
-        call = np.concatenate([
-            run_slices(self.teacher, data[z:z + 16], k, device=self.device).argmax(0)
-            for z in range(0, len(data), 16)])  # 16 slices at a time: a cine's maps would be large
-        held = (encoded == UNKNOWN) & (start != call) & (start != 0)
+        held = (encoded == UNKNOWN) & (start != self._call(data)) & (start != 0)
         return np.where(held, start.astype(np.int64) + START, encoded).astype(np.uint8)
+
+    def _call(self, data: np.ndarray) -> np.ndarray:
+        """The starting network's labels on the (prepared, resampled) slices ``data``."""
+        k = self.teacher.out_channels
+        return np.concatenate([run_slices(self.teacher, data[z:z + 16], k, device=self.device).argmax(0)
+                               for z in range(0, len(data), 16)])  # 16 slices at a time: a cine's maps are large
+
+    def _changed_share(self, data: np.ndarray, encoded: np.ndarray, labeled: np.ndarray,
+                       start: np.ndarray | None) -> float:
+        """The share of the known voxels (on the model's grid) whose label differs from the ``start``'s,
+        or from the starting network's call without one. A round of napari's dabs on a good
+        segmentation changes few of the voxels it paints (the heart's: 60-71 % against 74-99 % where
+        the start is wrong over a larger area), and those carry its wrong halves: the share of the
+        change kept is then ``touchup_blend`` (docs/finetune-history.md, *Touch-ups*)."""
+        codes = encoded[labeled]
+        before = start[labeled] if start is not None else self._call(data[labeled])
+        known = codes >= KNOWN
+        return float((before[known] != codes[known].astype(np.int64) - KNOWN).mean())
 
     def step(self) -> dict:
         """One optimiser step. Returns {"loss", "seg", ...} as floats (the terms in use).
@@ -430,6 +455,14 @@ class Finetuner:
         return both[:len(images)], both[len(images):]
 
     @property
+    def share_text(self) -> str:
+        """The share of the change the result keeps, and why, as the widget and the CLI say it."""
+        why = "whole slices" if self.changed_share is None else (
+            f"{'a touch-up' if self.touchup else 'strokes'}: {100 * self.changed_share:.0f} % of the voxels they label "
+            "changed from the start")
+        return f"{self.blend:g} of the change kept ({why})"
+
+    @property
     def model(self) -> Model:
         """The fine-tuned model as the user gets it (preview, Accept, :meth:`finished_model`):
         :meth:`blended` at the round's ``blend`` (``self.trained`` itself when that is 1 and no
@@ -461,7 +494,9 @@ class Finetuner:
         card = self.model.card.fine_tuned({  # a copy; its val scores are cleared (no longer measured)
             "method": self.method, "anchor": self.anchor, "anchor_groups": self.anchor_groups,
             **({"confidence_threshold": self.confidence_threshold} if self.method == "icl" else {}),
-            "blend": self.blend, "seg_weight": self.seg_weight,
+            "blend": self.blend,
+            **({} if self.changed_share is None else {"changed_share": round(self.changed_share, 3)}),
+            "seg_weight": self.seg_weight,
             "other_patches": self.other_patches, "other_patch_scale": self.other_patch_scale,
             "precision": self.precision,
             "average_last": self.average_last, "planned_steps": self.planned_steps,
@@ -568,6 +603,7 @@ class ICLFinetuner(Finetuner):
         kw.setdefault("anchor", 0.0)
         kw.setdefault("blend", 1.0)
         kw.setdefault("stroke_blend", kw["blend"])
+        kw.setdefault("touchup_blend", kw["stroke_blend"])
         kw.setdefault("slice_weight", 1.0)
         kw.setdefault("average_last", 0.0)
         kw.setdefault("confidence_threshold", 0.0)

@@ -58,10 +58,9 @@ FINETUNE_KEYS = {"method": str, "steps": int, "lr": float, "anchor": float, "anc
                  "other_patch_scale": float, "average_last": float, "confidence_threshold": float}
 
 
+_KEPT = "the share of the fine-tune's weight change kept"
 #: The fine-tuning options that are shares in (0, 1], and what each is a share of.
-_SHARES = {"blend": "the share of the fine-tune's weight change kept",
-           "stroke_blend": "the share of the fine-tune's weight change kept",
-           "touchup_blend": "the share of the fine-tune's weight change kept",
+_SHARES = {"blend": _KEPT, "stroke_blend": _KEPT, "touchup_blend": _KEPT,
            "other_patch_scale": "the other slices' patch edge as a share of the card's patch size"}
 #: The fine-tuning options in [0, 1), and what each is.
 _BELOW_ONE = {"confidence_threshold": "ICL's terms count where the network's top class probability reaches it; "

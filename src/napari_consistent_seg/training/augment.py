@@ -50,12 +50,14 @@ class Augmentation:
             angle = angle + quarter * active
         zoom = torch.where(active, uniform(*self.scale), torch.ones(b, device=dev))
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        flip_x = torch.ones(b, device=dev)
-        if self.flips:
-            flip_x = torch.where((torch.rand(b, generator=generator).to(dev) < 0.5) & active, -1.0, 1.0)
-        flip_y = torch.ones(b, device=dev)
-        if self.flip_ap:
-            flip_y = torch.where((torch.rand(b, generator=generator).to(dev) < 0.5) & active, -1.0, 1.0)
+
+        def mirror(on):  # -1 (mirrored) for about half of the active samples when ``on``, else 1
+            if not on:
+                return torch.ones(b, device=dev)
+            return torch.where((torch.rand(b, generator=generator).to(dev) < 0.5) & active, -1.0, 1.0)
+
+        flip_x = mirror(self.flips)  # drawn before flip_y: the draws of a run with flips stay the same
+        flip_y = mirror(self.flip_ap)
         theta = torch.zeros(b, 2, 3, device=dev)
         theta[:, 0, 0], theta[:, 0, 1] = cos * flip_x, -sin * flip_y
         theta[:, 1, 0], theta[:, 1, 1] = sin * flip_x, cos * flip_y

@@ -75,6 +75,8 @@ def test_bad_inputs_say_what_to_do(tiny_model_path):
         Finetuner(model, image, truth, np.zeros(image.shape, bool))
     with pytest.raises(ConsistentSegError, match="supervised' or 'icl"):
         Finetuner(model, image, truth, method="eam")
+    with pytest.raises(ConsistentSegError, match="unknown fine-tuning option anchor_weight"):
+        Finetuner(model, image, truth, anchor_weight=1.0)  # a misspelt option is refused, not ignored
     with pytest.raises(ConsistentSegError, match="steps"):
         finetune(model, image, truth, steps=0)
 

@@ -1,4 +1,4 @@
-"""The ``consistent-seg`` command line: train, predict, finetune, evaluate, strip, info, list, demo.
+"""The ``consistent-seg`` command line: segment, fine-tune, measure and train without Qt.
 
 Stable contract (scripts rely on it):
 ``consistent-seg predict --model NAME_OR_PATH -o OUTDIR INPUT...`` writes ``OUTDIR/<input name>.nii.gz``

@@ -186,8 +186,8 @@ class Finetuner:
     segmentation the user accepted before the round (the starting model's, cleaned up), on the same
     slices; where the cardiac clean-up added a class to the starting network's call (a refilled
     slice), the anchor holds the start's label instead (:meth:`_mark_start`; the widget and the CLI
-    pass it; other models' clean-up only removes, and their start is not used). Options left None come from the
-    model's :func:`recipe`. ``method``: "supervised" or "icl" (adds ICL's unlabeled terms on the slices
+    pass it; other models' clean-up only removes, and their start is not used). ``options``: the
+    recipe's keys (those of ``DEFAULTS``); any left out or None come from the model's :func:`recipe`. ``method``: "supervised" or "icl" (adds ICL's unlabeled terms on the slices
     without a known voxel, counted where the network's top class probability reaches
     ``confidence_threshold``; 0: everywhere, as the reference code). ``blend`` in (0, 1]: the share
     of the weight change the steps made that the result keeps (a weight-space ensemble of the
@@ -212,28 +212,18 @@ class Finetuner:
     """
 
     def __init__(self, model: Model, image: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None, *,
-                 spacing_mm=None, modality: str | None = None, device=None, method: str | None = None,
-                 lr: float | None = None, anchor: float | None = None, anchor_groups: str | None = None,
-                 stroke_anchor: float | None = None, stroke_anchor_groups: str | None = None,
-                 blend: float | None = None, stroke_blend: float | None = None, touchup_blend: float | None = None,
-                 touchup_below: float | None = None, slice_weight: float | None = None,
-                 other_patches: int | None = None, other_patch_scale: float | None = None, steps: int | None = None,
-                 average_last: float | None = None, batch_size: int = 4,
-                 confidence_threshold: float | None = None, seed: int = 0, start: np.ndarray | None = None):
-        given = {"method": method, "lr": lr, "anchor": anchor, "anchor_groups": anchor_groups,
-                 "stroke_anchor": stroke_anchor, "stroke_anchor_groups": stroke_anchor_groups, "blend": blend,
-                 "stroke_blend": stroke_blend, "touchup_blend": touchup_blend, "touchup_below": touchup_below,
-                 "slice_weight": slice_weight, "other_patches": other_patches,
-                 "other_patch_scale": other_patch_scale, "steps": steps, "average_last": average_last,
-                 "confidence_threshold": confidence_threshold}
-        chosen = {**recipe(model), **{k: v for k, v in given.items() if v is not None}}
-        (method, lr, anchor, anchor_groups, stroke_anchor, stroke_anchor_groups, blend, stroke_blend, touchup_blend,
-         touchup_below, slice_weight, other_patches, other_patch_scale, steps, average_last,
-         confidence_threshold) = (chosen[k] for k in given)
+                 spacing_mm=None, modality: str | None = None, device=None, batch_size: int = 4, seed: int = 0,
+                 start: np.ndarray | None = None, **options):
+        unknown = sorted(set(options) - set(DEFAULTS))
+        if unknown:
+            raise ConsistentSegError(f"unknown fine-tuning option {', '.join(unknown)}: the options are "
+                                     f"{', '.join(DEFAULTS)}")
+        # the model's recipe, with what the caller sets (None: the recipe's)
+        r = {**recipe(model), **{k: v for k, v in options.items() if v is not None}}
         if model.spatial_dims != 2:
             raise ConsistentSegError("fine-tuning is implemented for 2D models only")
-        for key in given:
-            _check(key, chosen[key])
+        for key, value in r.items():
+            _check(key, value)
         image = np.asarray(image)
         if image.ndim != 3 or not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
             raise InvalidInputError(
@@ -262,10 +252,10 @@ class Finetuner:
         self.device = pick_device(device)
         # strokes: a corrected slice known in part (under WHOLE_SLICE_SHARE)
         strokes = bool((known[labeled].reshape(labeled.size, -1).mean(1) < WHOLE_SLICE_SHARE).any())
-        self.method = method
-        self.anchor, self.anchor_groups = float(stroke_anchor if strokes else anchor), (
-            stroke_anchor_groups if strokes else anchor_groups)
-        self.seg_weight = 1.0 if strokes else float(slice_weight)
+        self.method = r["method"]
+        self.anchor = float(r["stroke_anchor" if strokes else "anchor"])
+        self.anchor_groups = r["stroke_anchor_groups" if strokes else "anchor_groups"]
+        self.seg_weight = 1.0 if strokes else float(r["slice_weight"])
         self.painted_slices = [int(z) for z in labeled]
         # only the cardiac clean-up adds labels (a refilled slice); the others only remove (_mark_start)
         self.has_start = start is not None and bool(model.card.cardiac_cleanup)
@@ -273,12 +263,12 @@ class Finetuner:
         self.trained = Model(copy.deepcopy(model.backbone), copy.deepcopy(model.card), None, model.path)
         # the icl method trains ICL modules (the model's own, or warm-started from its EAM module); the supervised
         # one trains the backbone only, and the model keeps its own modules (an EAM model's stay EAM's)
-        self.trained.modules = icl_modules_for(model) if method == "icl" else copy.deepcopy(model.modules)
+        self.trained.modules = icl_modules_for(model) if self.method == "icl" else copy.deepcopy(model.modules)
         self.trained.to(self.device)
         self.teacher = copy.deepcopy(model.backbone).to(self.device).eval().requires_grad_(False)
         self._blended: Model | None = None
         self._blended_at = -1
-        self.planned_steps, self.average_last = int(steps), float(average_last)
+        self.planned_steps, self.average_last = int(r["steps"]), float(r["average_last"])
         # the first step whose weights are averaged (never, with average_last 0)
         self.average_from = self.planned_steps - round(self.planned_steps * self.average_last) + 1
         self._average: list[torch.Tensor] | None = None
@@ -294,8 +284,8 @@ class Finetuner:
         # strokes: the share of the voxels they label that the user changed from the start (the start's
         # labels, else the starting network's call); below touchup_below, a touch-up
         self.changed_share = self._changed_share(data, encoded, labeled, start) if strokes else None
-        self.touchup = strokes and self.changed_share < touchup_below
-        self.blend = float(touchup_blend if self.touchup else stroke_blend if strokes else blend)
+        self.touchup = strokes and self.changed_share < r["touchup_below"]
+        self.blend = float(r["touchup_blend" if self.touchup else "stroke_blend" if strokes else "blend"])
         if self.has_start:
             encoded = self._mark_start(data, encoded, start)
         patch = [min(p, n) for p, n in zip(self.trained.card.patch_size, data.shape[1:])]
@@ -304,18 +294,19 @@ class Finetuner:
         self.labeled = SliceStream([data], [encoded], patch, slice_masks=[is_labeled], foreground_from=KNOWN,
                                    seed=seed)
         unlabeled_mask = ~is_labeled if (~is_labeled).any() else is_labeled
-        other_patch = [min(round(p * other_patch_scale), n)
+        self.other_patch_scale = r["other_patch_scale"]
+        other_patch = [min(round(p * self.other_patch_scale), n)
                        for p, n in zip(self.trained.card.patch_size, data.shape[1:])]
         self.unlabeled = SliceStream([data], [encoded], other_patch, slice_masks=[unlabeled_mask],
                                      foreground_fraction=0, seed=seed + 1)
-        self.batch_size, self.other_patches, self.other_patch_scale = batch_size, int(other_patches), other_patch_scale
-        self.confidence_threshold = float(confidence_threshold)
+        self.batch_size, self.other_patches = batch_size, int(r["other_patches"])
+        self.confidence_threshold = float(r["confidence_threshold"])
         self.weights = {"aux": 1.0, "pse": 1.0, "cons": 50.0,
                         **self.trained.card.training_weights}
         params = list(self.trained.backbone.parameters())
-        if method == "icl":
+        if self.method == "icl":
             params += list(self.trained.modules.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        self.optimizer = torch.optim.AdamW(params, lr=r["lr"], weight_decay=1e-4)
         self.augment = Augmentation(rotate_deg=10, scale=(0.9, 1.1), flips=False, noise_std=0.02)
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_done = 0

@@ -20,6 +20,7 @@ from napari_consistent_seg.io import (
     load_volume,
     make_phantom,
     save_nifti,
+    save_volume,
 )
 
 # One val case per set, image and label on the same grid.
@@ -107,7 +108,7 @@ def test_label_files_open_as_labels(shared_data, dataset):
 def test_label_round_trip_is_voxel_identical(shared_data, dataset, tmp_path):
     image = load_volume(_case(shared_data, dataset))
     labels = load_volume(_case(shared_data, dataset, "labels"))
-    saved = save_nifti(labels.data, image.geometry, tmp_path / "labels.nii.gz")
+    saved = save_volume(labels, tmp_path / "labels.nii.gz")  # a labels Volume: written as labels
 
     reloaded = load_volume(saved)
     np.testing.assert_array_equal(reloaded.data, labels.data)
@@ -141,7 +142,7 @@ def test_permuted_flipped_affine_is_reoriented_without_resampling(tmp_path, axco
     if axcodes == ("P", "I", "R"):
         np.testing.assert_array_equal(volume.data, raw.transpose(2, 1, 0)[::-1])
 
-    saved = save_nifti(volume.data, volume.geometry, tmp_path / "back.nii.gz", is_label=False)
+    saved = save_volume(volume, tmp_path / "back.nii.gz")  # an image Volume: written as float32
     raw_saved, saved_affine = _on_disk(saved)
     np.testing.assert_array_equal(raw_saved, raw.astype(np.float32))
     np.testing.assert_allclose(saved_affine, affine)

@@ -102,7 +102,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 def cmd_predict(args) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
-    from .io import load_volume, save_nifti
+    from .io import load_volume, save_volume
 
     try:
         inputs, missing = expand_inputs(args.inputs), None
@@ -140,7 +140,7 @@ def cmd_predict(args) -> int:
         for warning in labels.meta["warnings"]:
             print(f"warning: {path.name}: {warning}", file=sys.stderr)
         target = outdir / f"{_nifti_stem(path)}.nii.gz"
-        save_nifti(labels.data, labels.geometry, target, is_label=True)
+        save_volume(labels, target)
         first = labels.phase(0).data if labels.n_phases else labels.data
         sizes = class_sizes(first, model.classes, volume.geometry)
         print(f"{target}\t" + ("phase 0: " if labels.n_phases else "") + "\t".join(f"{n}={v}" for n, v in sizes.items()))

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ConsistentSegError
 from .inference import segment
-from .io import Geometry, Volume, load_volume, make_phantom, save_nifti
+from .io import Geometry, Volume, load_volume, make_phantom, save_volume
 from .metrics import class_sizes, dice
 from .models.store import Model, load_model
 from .training.data import map_labels
@@ -78,7 +78,7 @@ def _segment_file(model: Model, path: Path, output: Path, device, reference: np.
     volume = load_volume(path, modality=modality)
     labels = segment(model, volume, device=device)
     stem = path.name.split(".nii")[0]
-    target = save_nifti(labels.data, volume.geometry, output / f"{stem}_{model.name}.nii.gz")
+    target = save_volume(labels, output / f"{stem}_{model.name}.nii.gz")
     print(f"{path.name} ({_describe(volume)}) -> {target}")
     for w in labels.meta["warnings"]:
         print(f"    warning: {w}")
@@ -113,7 +113,7 @@ def sunnybrook_demo(data: Path, output: Path, device=None) -> dict[str, dict[str
     cine = load_volume(folder / "dicom" / SUNNYBROOK_PATIENT)
     model = load_model("cardiac-cine-mri", with_modules=False)
     labels = segment(model, cine, device=device)
-    target = save_nifti(labels.data, cine.geometry, output / f"{SUNNYBROOK_PATIENT}_cine_{model.name}.nii.gz")
+    target = save_volume(labels, output / f"{SUNNYBROOK_PATIENT}_cine_{model.name}.nii.gz")
     print(f"Sunnybrook cine DICOM {SUNNYBROOK_PATIENT} ({_describe(cine)}) -> {target}")
     scores = {}
     for frame in ("ED", "ES"):
@@ -156,7 +156,7 @@ def _phantom_demo(output: Path, device, steps: int = 40) -> dict[str, dict[str, 
     after = segment(tuner.model, image, device=device)
     unpainted = np.ones(image.shape[0], bool)
     unpainted[painted_slices] = False
-    target = save_nifti(after.data, after.geometry, output / "synthetic_ct_phantom_finetuned.nii.gz")
+    target = save_volume(after, output / "synthetic_ct_phantom_finetuned.nii.gz")
     reference = labels.data[unpainted]
     scores = {when: _dice_by_class(model, pred.data[unpainted], reference)
               for when, pred in (("before", before), ("after", after))}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..io import save_nifti
+from ..io import save_volume
 from .layers import volume_from_layer_data
 
 
@@ -19,5 +19,5 @@ def write_image(path: str, data, meta: dict) -> list[str]:
 def _write(path: str, data, meta: dict, layer_type: str) -> list[str]:
     # The source grid comes from the layer's metadata when it was read by us, else from its scale.
     volume = volume_from_layer_data(data, meta, layer_type)
-    written = save_nifti(volume.data, volume.geometry, path, is_label=volume.is_label)
+    written = save_volume(volume, path)
     return [str(written)]

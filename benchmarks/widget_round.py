@@ -1,8 +1,10 @@
 """The Fine-tune widget's round in napari: its time, and how smoothly napari draws meanwhile.
 
 Runs napari (under Xvfb: ``xvfb-run -a -s "-screen 0 1400x900x24"``), opens acdc patient028_frame01
-(10 slices) through our reader, paints the reference's slices 3 and 6 into a labels layer, and
-presses Fine-tune with the widget's defaults and the shipped cardiac model. A 10 ms QTimer records
+(10 slices) through our reader, paints the reference's slices 3 and 6 into a labels layer (``--paint
+slices``; ``dabs``: segments the scan with the Segment widget and dabs the reference's label with a
+size-5 brush on 15 wrong voxels of each of its three worst slices, in place, as the screenshot of
+docs/user-guide.md), and presses Fine-tune with the widget's defaults and the shipped cardiac model. A 10 ms QTimer records
 the Qt event loop's gaps (its heartbeat); ``--scroll-ms`` also steps napari's slider at that
 interval, so napari redraws the way a user browsing the scan makes it.
 
@@ -16,7 +18,7 @@ Ways of running torch off the main thread (``--modes``), interleaved A B A B in 
 training run); ``--limit-s`` cancels a round that has not finished by then (its row says how far it got).
 
     xvfb-run -a -s "-screen 0 1400x900x24" .venv/bin/python benchmarks/widget_round.py
-        [--repeats 2] [--scroll-ms 0 500] [--steps 60] [--modes "nice 10" one-core-left] [--load 2]
+        [--repeats 2] [--scroll-ms 0 500] [--steps 60] [--modes "nice 10" one-core-left] [--load 2] [--paint dabs]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ CASE = "patient028_frame01"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "acdc"
 PLUGIN = "napari-consistent-seg"
 MODES = ("nice 10", "one-core-left")
+MODEL = "cardiac-cine-mri"
 
 
 def _mode(name: str):
@@ -77,6 +80,24 @@ def _wait(app, seconds: float | None = None, until=None) -> None:
     poll.stop()
 
 
+def _dabbed(viewer, app, image, reference):
+    """The Segment widget's layer for ``image``, with size-5 dabs of the reference's label on 15 of the
+    voxels it gets wrong on each of its three worst slices, painted as napari's brush paints them."""
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    segment.inputs.model.select(MODEL)
+    segment.inputs.image.set_layer(image)
+    segment.run()
+    _wait(app, until=lambda: not segment.runner.running)
+    layer = viewer.layers[f"{image.name} {MODEL}"]
+    ref = np.asarray(reference.data)
+    wrong = np.asarray(layer.data) != ref
+    layer.brush_size = 5
+    for z in np.argsort(-wrong.reshape(len(ref), -1).sum(1))[:3]:
+        for y, x in np.argwhere(wrong[z])[::20][:15]:
+            layer.paint((z, y, x), int(ref[z, y, x]))
+    return layer
+
+
 def _gap_stats(gaps: list[tuple[float, float]]) -> dict:
     g = 1000 * np.asarray([b - a for a, b in gaps])
     return {"median": np.median(g), "p99": np.percentile(g, 99), "max": g.max(), "over 100 ms": int((g > 100).sum())}
@@ -90,6 +111,8 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--load", type=int, default=0, help="busy processes at normal priority beside napari")
     parser.add_argument("--limit-s", type=float, help="cancel a round after this many seconds")
+    parser.add_argument("--paint", choices=["slices", "dabs"], default="slices",
+                        help="two reference slices in a new layer, or dabs in place on the segmentation")
     args = parser.parse_args(argv)
     import multiprocessing
 
@@ -107,15 +130,15 @@ def main(argv=None) -> None:
     (image,) = viewer.open(str(DATA / "images" / f"{CASE}.nii.gz"), plugin=PLUGIN)
     (reference,) = viewer.open(str(DATA / "labels" / f"{CASE}.nii.gz"), plugin=PLUGIN)
     reference.visible = False
-    painted = np.zeros_like(reference.data)
-    painted[[3, 6]] = reference.data[[3, 6]]
-    painted_layer = viewer.add_labels(painted, name="painted", scale=image.scale)
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune (ICL)")
-    widget.inputs.model.select("cardiac-cine-mri")
+    app = QApplication.instance()
+    painted_layer = _dabbed(viewer, app, image, reference) if args.paint == "dabs" else viewer.add_labels(
+        np.where(np.isin(np.arange(len(reference.data)), [3, 6])[:, None, None], reference.data, 0),
+        name="painted", scale=image.scale)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    widget.inputs.model.select(MODEL)
     widget.inputs.image.set_layer(image)
     widget.painted.set_layer(painted_layer)
     widget.steps.setValue(args.steps)
-    app = QApplication.instance()
     _wait(app, seconds=2.0)
 
     # the GUI test's heartbeat: gaps while napari adds or removes a layer (its own work) are left out
@@ -138,7 +161,7 @@ def main(argv=None) -> None:
     from napari_consistent_seg.inference import cpu_has_native_bf16
 
     print(f"{machine()}; forward passes in {'bf16' if cpu_has_native_bf16() else 'float32'}; {CASE}, "
-          f"{args.steps} steps; {args.load} busy processes beside napari")
+          f"{args.paint}, {args.steps} steps; {args.load} busy processes beside napari")
     print("| scrolling | torch off the main thread | round (s) | its steps (s) | heartbeat gap median / p99 / max (ms), napari's layer work left out | gaps > 100 ms |")
     print("|---|---|---|---|---|---|")
     for scroll_ms in args.scroll_ms:

@@ -37,7 +37,7 @@ def test_segment_correct_in_place_finetune_accept_repeat_revert_save(make_napari
     assert segment.run()
     wait_done(qtbot, segment)
     seg = viewer.layers[f"{image.name} {tiny_model}"]
-    finetune = dock(viewer, "Fine-tune (ICL)")
+    finetune = dock(viewer, "Fine-tune")
     finetune.inputs.model.select(tiny_model)
     finetune.inputs.image.set_layer(image)
     finetune.painted.set_layer(seg)

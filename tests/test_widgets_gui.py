@@ -164,7 +164,7 @@ def test_attention_layers_lie_on_the_image(make_napari_viewer, qtbot, acdc_case,
         np.testing.assert_allclose(layer.scale, image.scale)
 
 
-@pytest.mark.parametrize("title", ["Segment", "Fine-tune (ICL)"])
+@pytest.mark.parametrize("title", ["Segment", "Fine-tune"])
 def test_closing_napari_mid_run_is_safe(make_napari_viewer, qtbot, acdc_case, tiny_model, title):
     viewer = make_napari_viewer()
     image, labels = open_scan(viewer, acdc_case, with_labels=True)
@@ -214,7 +214,7 @@ def test_event_loop_never_stalls_during_segment_and_finetune(make_napari_viewer,
     painted = np.zeros_like(labels.data)
     painted[[3, 6]] = labels.data[[3, 6]]
     painted_layer = viewer.add_labels(painted, name="painted", scale=image.scale)
-    segment, finetune = dock(viewer, "Segment"), dock(viewer, "Fine-tune (ICL)")
+    segment, finetune = dock(viewer, "Segment"), dock(viewer, "Fine-tune")
     segment.inputs.model.select(model)
     finetune.inputs.model.select(model)
     finetune.inputs.image.set_layer(image)
@@ -295,7 +295,7 @@ def test_finetune_on_two_painted_slices_raises_dice_on_the_others(make_napari_vi
     painted = np.zeros_like(ref)
     painted[painted_slices] = ref[painted_slices]
     painted_layer = viewer.add_labels(painted, name="painted", scale=image.scale)
-    finetune = dock(viewer, "Fine-tune (ICL)")
+    finetune = dock(viewer, "Fine-tune")
     finetune.inputs.model.select(SHIPPED_CARDIAC)
     finetune.inputs.image.set_layer(image)
     finetune.painted.set_layer(painted_layer)

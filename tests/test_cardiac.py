@@ -48,6 +48,18 @@ def test_function_figures_in_ml_and_mass():
                 "rv_esv_ml", "rv_ef_percent"):
         assert key in keys
     assert keys["lv_ef_percent"] == 50.0 and keys["lv_volumes_ml"] == [0.08, 0.04]
+    assert result.warnings == []  # an RV twice the LV is no reason to doubt it
+
+
+def test_an_rv_much_smaller_than_the_lv_at_ed_is_flagged():
+    ed, es = np.zeros((2, 4, 10, 10), np.uint8)
+    ed[:, :5, :] = LV   # 200 voxels
+    es[:, :3, :] = LV
+    ed[:, 6, :3] = RV   # 12 voxels: 6 % of the LV (the model on the Sunnybrook cine: 9 %)
+    es[:, 6, :2] = RV
+    result = cardiac_function([ed, es], (1.0, 1.0, 1.0))
+    assert any("RV at ED (0.0 ml) is under 20 % of the LV's (0.2 ml)" in w for w in result.warnings)
+    assert result.rv_ef_percent is not None  # the figures are still given, with the warning
 
 
 def test_unknown_spacing_gives_voxels_no_mass_and_a_warning():

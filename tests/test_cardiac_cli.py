@@ -118,3 +118,5 @@ def test_shipped_model_on_sunnybrook_ed_es(shared_data, capsys):
     # refilled the collapsed slice 6 of ED, when the EDV was shorter still; docs/cardiac.md)
     assert abs(result["lv_ef_percent"] - 21.5) < 10
     assert 0.8 * 234 < result["lv_edv_ml"] < 1.1 * 234 and 0.7 * 184 < result["lv_esv_ml"] < 1.1 * 184
+    # the experts drew no RV on this scan and the model finds little: said, not hidden
+    assert any("much of the RV is probably missed" in w for w in result["warnings"])

@@ -62,6 +62,22 @@ def test_segment_all_phases_plots_marks_and_tabulates(qtbot, widget, tmp_path):
     assert rows[-1]["phase"] == "summary" and rows[-1]["lv_ef_percent"] == pytest.approx(62.5)
 
 
+def test_a_missed_rv_is_said_in_the_status_line(qtbot, widget, monkeypatch):
+    def little_rv(model, volume, **kwargs):  # one RV voxel a slice: far under a fifth of the LV
+        out = fake_segment(model, volume, **kwargs)
+        for labels in out:
+            labels[labels == 1] = 0
+            labels[:, 16, 0] = 1
+        return out
+
+    monkeypatch.setattr(cardiac, "segment_cardiac", little_rv)
+    _, w = widget
+    assert w.run()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=20_000)
+    assert w.runner.status.text().startswith("Warning: the RV at ED")
+    assert w.table.item(0, 2).text().endswith("ml")  # the RV figures are still shown
+
+
 def test_ed_es_buttons_and_curve_click_move_the_viewer(qtbot, widget):
     viewer, w = widget
     w.run()

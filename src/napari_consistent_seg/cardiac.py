@@ -17,6 +17,9 @@ from .errors import ConsistentSegError, ShapeMismatchError
 
 # Myocardial tissue density (g/ml), the value cardiac MRI guidelines and the ACDC challenge use.
 MYOCARDIUM_DENSITY_G_PER_ML = 1.05
+#: An RV cavity at ED smaller than this share of the LV cavity is flagged as likely missed: in the expert
+#: labels of acdc val and M&Ms-2 the share at ED is 0.36-2.28; the model finds 0.09 on the Sunnybrook cine.
+RV_LV_MIN_AT_ED = 0.2
 # In-plane pixel size assumed by the clean-up when the scan does not know its own (acdc's files):
 # about what ACDC's scanners wrote (1.37 to 1.68 mm).
 ASSUMED_PIXEL_MM = 1.5
@@ -220,6 +223,10 @@ def cardiac_function(
     if lv[es] > lv[ed]:
         warnings.append(f"the LV is larger at ES ({lv[es]:.1f}) than at ED ({lv[ed]:.1f} {unit}): "
                         "ED and ES may be swapped")
+    if rv is not None and rv[ed] < RV_LV_MIN_AT_ED * lv[ed]:
+        warnings.append(f"the RV at ED ({rv[ed]:.1f} {unit}) is under {100 * RV_LV_MIN_AT_ED:.0f} % of the LV's "
+                        f"({lv[ed]:.1f} {unit}): "
+                        "much of the RV is probably missed; check it before reading the RV figures")
     return CardiacFunction(lv, rv, myo, ed, es, unit, [str(n) for n in (phase_names or [])], given, warnings)
 
 

@@ -180,7 +180,7 @@ class CardiacFunctionWidget(QWidget):
         for push in (self.ed_button, self.es_button, self.export_button):
             push.setEnabled(True)
         if result.warnings:
-            self.runner.status.setText(" ".join(result.warnings))
+            self.runner.status.setText("\n".join(f"Warning: {w}" for w in result.warnings))
 
     def go_to_phase(self, phase: int) -> None:
         """Show ``phase`` of the cine in the viewer (its first axis); with ED and ES frames, show that

@@ -106,6 +106,8 @@ def test_info_json_prints_the_card_and_list_shows_user_models(ct_model, user_mod
     # the shipped abdomen model was trained in two stages; info names the first
     code, out, _ = _run(capsys, "info", "abdomen-ct-mri")
     assert code == 0 and "started from abdomen-ct-mri of 2026-11-22: eam for 2000 iterations" in out
+    # and what the benchmark measured, with the post-processing users get
+    assert "on chaos_t2 (MR, 3 val cases), largest component per class, the region search first: Dice" in out
 
 
 def test_evaluate_writes_a_csv(toy_data, tmp_path, capsys):

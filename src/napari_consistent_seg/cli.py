@@ -282,6 +282,20 @@ def cmd_strip(args) -> int:
     return 0
 
 
+def _benchmark_lines(bench: dict) -> list[str]:
+    """A card's ``benchmark`` (val Dice as `segment` gives it, with the card's post-processing), a line a val set."""
+    names = {"keep_largest_component": "largest component per class", "cardiac": "cardiac clean-up"}
+    post = " + ".join(name for key, name in names.items() if bench.get("postprocessing", {}).get(key))
+    post = (post or "no post-processing") + (", the region search first" if bench.get("inference") else "")
+    lines = []
+    for source, scores in bench.get("val", {}).items():
+        mean, raw = scores.get("mean", {}), scores.get("raw_mean", {})
+        nan = float("nan")
+        lines.append(f"benchmark {bench.get('date', '?')} on {source}, {post}: "
+                     f"Dice {100 * mean.get('dice', nan):.1f} % (raw {100 * raw.get('dice', nan):.1f} %), HD95 {mean.get('hd95_mm', nan):.2f}, ASD "
+                     f"{mean.get('asd_mm', nan):.2f} (mm where the files know their voxel size, else voxels)")
+    return lines
+
 def cmd_info(args) -> int:
     from .models.store import read_card, resolve_model_path
 
@@ -293,8 +307,9 @@ def cmd_info(args) -> int:
     print(f"{card.name}  ({resolve_model_path(args.model)})")
     if card.description:
         print(f"  {card.description}")
+    spacing = f"{card.target_spacing_mm} mm" if card.target_spacing_mm else "the scan's own"
     print(f"  modalities: {', '.join(card.modalities)}; patch {card.patch_size}; "
-          f"target spacing {card.target_spacing_mm} mm; slices in the {card.plane} plane")
+          f"in-plane spacing {spacing}; slices in the {card.plane} plane")
     print("  classes: " + ", ".join(f"{k}={v}" for k, v in card.classes.items()))
     if training.method:
         print(f"  trained: {training.method} for {training.iterations} iterations, "
@@ -308,7 +323,9 @@ def cmd_info(args) -> int:
               f"{record.get('steps', '?')} steps on {record.get('known_voxels', '?')} known voxels of "
               f"{len(slices)} slice(s), {record.get('wall_time_s', '?')} s")
     if card.val_scores.get("mean") is not None:
-        print(f"  val mean Dice: {100 * card.val_scores['mean']:.1f} %")
+        print(f"  val mean Dice at training (the network's raw output): {100 * card.val_scores['mean']:.1f} %")
+    for line in _benchmark_lines(card.extra.get("benchmark") or {}):  # benchmarks/accuracy.py --update-cards
+        print(f"  {line}")
     print(f"  external modules: {'yes (' + card.modules['kind'] + ')' if card.modules else 'no'}")
     return 0
 

@@ -4,9 +4,9 @@ Runs napari (under Xvfb: ``xvfb-run -a -s "-screen 0 1400x900x24"``), opens acdc
 (10 slices) through our reader, paints the reference's slices 3 and 6 into a labels layer (``--paint
 slices``; ``dabs``: segments the scan with the Segment widget and dabs the reference's label with a
 size-5 brush on 15 wrong voxels of each of its three worst slices, in place, as the screenshot of
-docs/user-guide.md), and presses Fine-tune with the widget's defaults and the shipped cardiac model. A 10 ms QTimer records
-the Qt event loop's gaps (its heartbeat); ``--scroll-ms`` also steps napari's slider at that
-interval, so napari redraws the way a user browsing the scan makes it.
+docs/user-guide.md), and presses Fine-tune with the widget's defaults and the shipped cardiac model.
+A 10 ms QTimer records the Qt event loop's gaps (its heartbeat); ``--scroll-ms`` also steps napari's
+slider at that interval, so napari redraws the way a user browsing the scan makes it.
 
 Ways of running torch off the main thread (``--modes``), interleaved A B A B in one process:
 - ``nice N`` (the widget's on Linux, with its `NICENESS`): a fresh thread at nice +N, torch on every core;

@@ -292,8 +292,9 @@ def _benchmark_lines(bench: dict) -> list[str]:
         mean, raw = scores.get("mean", {}), scores.get("raw_mean", {})
         nan = float("nan")
         lines.append(f"benchmark {bench.get('date', '?')} on {source}, {post}: "
-                     f"Dice {100 * mean.get('dice', nan):.1f} % (raw {100 * raw.get('dice', nan):.1f} %), HD95 {mean.get('hd95_mm', nan):.2f}, ASD "
-                     f"{mean.get('asd_mm', nan):.2f} (mm where the files know their voxel size, else voxels)")
+                     f"Dice {100 * mean.get('dice', nan):.1f} % (raw {100 * raw.get('dice', nan):.1f} %), "
+                     f"HD95 {mean.get('hd95_mm', nan):.2f}, ASD {mean.get('asd_mm', nan):.2f} "
+                     "(mm where the files know their voxel size, else voxels)")
     return lines
 
 def cmd_info(args) -> int:

@@ -187,7 +187,8 @@ class Finetuner:
     slices; where the cardiac clean-up added a class to the starting network's call (a refilled
     slice), the anchor holds the start's label instead (:meth:`_mark_start`; the widget and the CLI
     pass it; other models' clean-up only removes, and their start is not used). ``options``: the
-    recipe's keys (those of ``DEFAULTS``); any left out or None come from the model's :func:`recipe`. ``method``: "supervised" or "icl" (adds ICL's unlabeled terms on the slices
+    recipe's keys (those of ``DEFAULTS``); any left out or None come from the model's :func:`recipe`.
+    ``method``: "supervised" or "icl" (adds ICL's unlabeled terms on the slices
     without a known voxel, counted where the network's top class probability reaches
     ``confidence_threshold``; 0: everywhere, as the reference code). ``blend`` in (0, 1]: the share
     of the weight change the steps made that the result keeps (a weight-space ensemble of the

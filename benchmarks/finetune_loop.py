@@ -25,7 +25,9 @@ import finetune as fb  # noqa: E402
 from napari_consistent_seg.inference import segment  # noqa: E402
 from napari_consistent_seg.models.store import load_model  # noqa: E402
 
-FIELDS = ["set", "case", "mode", "round", "painted_slices", "known_voxels", "first", "before", "after"]
+SCORES = ["first", "before", "after"]
+#: the round's share of the change kept, and for strokes the share of the voxels they label that they change
+FIELDS = ["set", "case", "mode", "round", "painted_slices", "known_voxels", *SCORES, "paint", "blend", "changed_share"]
 
 
 def loop(model, case: fb.Case, rounds: int, paint: str, fresh: bool = False):
@@ -52,20 +54,25 @@ def loop(model, case: fb.Case, rounds: int, paint: str, fresh: bool = False):
         score = [fb.dice_on(s, case.labels, where, case.scored_classes) for s in (first, before, accepted)]
         yield {"set": case.set, "case": case.name, "mode": "fresh" if fresh else "continue", "round": r,
                "painted_slices": " ".join(map(str, np.flatnonzero(known.reshape(len(known), -1).any(1)))),
-               "known_voxels": int(known.sum()), **{k: f"{v:.2f}" for k, v in zip(FIELDS[-3:], score)}}
+               "known_voxels": int(known.sum()), **{k: f"{v:.2f}" for k, v in zip(SCORES, score)}, "paint": paint,
+               "blend": tuner.blend,
+               "changed_share": "" if tuner.changed_share is None else f"{tuner.changed_share:.3f}"}
 
 
 def summary(rows: list[dict]) -> str:
-    """Markdown: per mode and round, the mean and worst change from the first segmentation and from the
-    round before."""
-    out = ["| mode | round | scans | first -> accepted: mean | worst | round before -> accepted: mean | worst | "
-           "scans lower than the round before by > 1 |", "|---|---|---|---|---|---|---|---|"]
-    for mode, r in sorted({(row["mode"], int(row["round"])) for row in rows}):
-        sel = [row for row in rows if row["mode"] == mode and int(row["round"]) == r]
+    """Markdown: per mode, painting and round, the mean and worst change from the first segmentation and
+    from the round before."""
+    out = ["| mode | paint | round | scans | first -> accepted: mean | worst | round before -> accepted: mean | "
+           "worst | scans lower than the round before by > 1 |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def key(row):
+        return row["mode"], row.get("paint") or "worst2", int(row["round"])
+    for group in sorted({key(row) for row in rows}):
+        sel = [row for row in rows if key(row) == group]
         total = np.array([float(s["after"]) - float(s["first"]) for s in sel])
         step = np.array([float(s["after"]) - float(s["before"]) for s in sel])
-        out.append(f"| {mode} | {r} | {len(sel)} | {total.mean():+.2f} | {total.min():+.2f} | {step.mean():+.2f} | "
-                   f"{step.min():+.2f} | {(step < -1).sum()} |")
+        out.append(f"| {' | '.join(map(str, group))} | {len(sel)} | {total.mean():+.2f} | {total.min():+.2f} | "
+                   f"{step.mean():+.2f} | {step.min():+.2f} | {(step < -1).sum()} |")
     return "\n".join(out)
 
 
@@ -83,7 +90,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = list(csv.DictReader(args.csv.open())) if args.csv and args.csv.is_file() else []
     mode = "fresh" if args.fresh else "continue"
-    done = {row["case"] for row in rows if row["mode"] == mode}
+    done = {row["case"] for row in rows if row["mode"] == mode and row.get("paint", "worst2") == args.paint}
     model = load_model("cardiac-cine-mri")
     for case in fb.load_cases(args.sets, None):
         if (args.cases and case.name not in args.cases) or case.name in done:
@@ -96,8 +103,8 @@ def main(argv=None) -> int:
         rows += scan
         if args.csv:  # a scan's rows once all its rounds are done, so that a rerun resumes by scan
             new = not args.csv.is_file()
-            with args.csv.open("a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=FIELDS)
+            with args.csv.open("a", newline="") as f:  # an older file keeps its columns
+                writer = csv.DictWriter(f, fieldnames=FIELDS if new else list(rows[0]), extrasaction="ignore")
                 if new:
                     writer.writeheader()
                 writer.writerows(scan)

@@ -64,17 +64,24 @@ def test_segment_correct_in_place_finetune_accept_repeat_revert_save(make_napari
     status = finetune.runner.status.text()  # where to look: the slices the round changed most, if any
     assert "changed most beyond your corrections" in status or "Nothing changed" in status
 
+    first_round = finetune.tuner
     strokes(seg, reference, [4])  # the loop again: more corrections, continue from the tuned weights
     assert finetune.known_of(seg).sum() > first.sum()
     assert finetune.run()
     wait_done(qtbot, finetune)
     assert finetune.steps_done == 8 and finetune.tuner.painted_slices == [3, 4, 6]
+    before_second_accept = np.asarray(seg.data).copy()
     assert finetune.accept()
     wait_done(qtbot, finetune)
     assert finetune.save_as("tiny-tuned-028")
     known = finetune.known_of(seg)
     now = np.asarray(seg.data).copy()
-    finetune.revert()
-    np.testing.assert_array_equal(np.asarray(seg.data)[known], now[known])  # corrections kept
+    finetune.revert()  # the second round undone: the first round's weights, the layer before its Accept
+    assert finetune.tuner is first_round and finetune.steps_done == 4
+    np.testing.assert_array_equal(np.asarray(seg.data), before_second_accept)  # the corrections in it
+    assert "Revert again" in finetune.runner.status.text() and finetune.accept_button.isEnabled()
+    finetune.revert()  # and the first: the starting model
+    np.testing.assert_array_equal(np.asarray(seg.data)[known], now[known])
     assert finetune.tuner is None and not finetune.accept_button.isEnabled()
+    assert "weights are gone" in finetune.runner.status.text() and not finetune.revert_button.isEnabled()
     assert segment.inputs.model.select("tiny-tuned-028")  # the saved model is listed everywhere

@@ -103,8 +103,9 @@ class FinetuneWidget(QWidget):
     place); only the voxels your strokes changed count as labeled, the rest is unlabeled. A layer
     without recorded strokes (painted elsewhere, or loaded) counts whole slices: every slice with
     a label is labeled in full. Accept: the whole scan with the fine-tuned model, written into the
-    same layer, your corrections winning. Revert: back to the starting model and the layer as it
-    was before Accept (your corrections kept). Fine-tuning again continues from the fine-tuned weights.
+    same layer, your corrections winning. Fine-tuning again continues from the fine-tuned weights.
+    Revert: drop the last round (its weights, and the layer as it was before its Accept, your
+    corrections kept); again, the round before, back to the starting model.
     """
 
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None):
@@ -130,8 +131,8 @@ class FinetuneWidget(QWidget):
         self.runner = TaskRunner()
         self.accept_button = button("Accept", self.accept, "Segment the whole scan with the fine-tuned model into "
                                                            "the corrected layer; your corrections keep their label")
-        self.revert_button = button("Revert", self.revert, "Drop the fine-tuned weights and undo Accept "
-                                                           "(your corrections stay)")
+        self.revert_button = button("Revert", self.revert, "Drop the last round: its weights and its Accept "
+                                                           "(your corrections stay); again for the round before")
         self.save_name = QLineEdit()
         self.save_name.setPlaceholderText("name of the new model")
         self.save_button = button("Save as", lambda: self.save_as(self.save_name.text().strip()),
@@ -144,7 +145,9 @@ class FinetuneWidget(QWidget):
         self.losses: list[float] = []
         self.preview_layer = None
         self.result_layer = None
-        self._before_accept: np.ndarray | None = None  # the corrected layer before the first Accept
+        # each finished round: what Revert brings back (the weights, counters and session before it, and
+        # the corrected layer before its first Accept)
+        self._history: list[dict] = []
         self._session: dict = {}
         self._round: dict = {}
         self._preview_at = [(None, 0)]  # read by the worker: (phase or None, slice) shown when the last step ended
@@ -308,6 +311,7 @@ class FinetuneWidget(QWidget):
         if self.runner.cancel_requested or self.runner.last_error is not None or not r.get("new_tuner"):
             self._restore_round()
         else:
+            self._history.append({key: r[key] for key in ("tuner", "steps_done", "losses", "session")})
             self.tuner = r["new_tuner"]
             if r["whole_slices"] is not None:  # from now on, Accept fills this layer: keep what was painted
                 r["recorder"].base = r["whole_slices"]
@@ -354,8 +358,9 @@ class FinetuneWidget(QWidget):
             known = self.known_of(layer)  # read now: corrections made while it ran win too
             current = np.asarray(layer.data)
             merged = prediction if known is None else merge_corrections(prediction, current, known)
-            if self._before_accept is None:
-                self._before_accept = current.copy()
+            last = self._history[-1]  # the round whose weights these are
+            if last.get("before_accept") is None:
+                last.update(before_accept=current.copy(), layer=layer)
             layer.data[...] = merged.astype(current.dtype)
             layer.refresh()
             layer.metadata.setdefault(METADATA_KEY, {})["fine_tuned"] = f"{model.name} ({self.steps_done} steps)"
@@ -376,23 +381,29 @@ class FinetuneWidget(QWidget):
         return started
 
     def revert(self) -> None:
-        """Drop the fine-tuned weights and undo Accept (corrections stay); next run starts afresh."""
+        """Drop the last round: the weights go back to the round before's (the starting model's after
+        the first), and the layer to what it was before that round's Accept, corrections kept."""
         if self.runner.running:
             notify("Cancel the running task first.", "warning", self.runner.status)
             return
-        layer = self._session.get("layer")
+        if not self._history:
+            notify("Nothing to revert: no fine-tuned weights.", "warning", self.runner.status)
+            return
+        last = self._history.pop()
+        layer, before = last.get("layer"), last.get("before_accept")
         restored = ""
-        if self._before_accept is not None and layer is not None and layer in self.viewer.layers \
-                and layer.data.shape == self._before_accept.shape:
+        if before is not None and layer in self.viewer.layers and layer.data.shape == before.shape:
             known = self.known_of(layer)
             current = np.asarray(layer.data)
-            layer.data[...] = self._before_accept if known is None else np.where(known, current, self._before_accept)
+            layer.data[...] = before if known is None else np.where(known, current, before)
             layer.refresh()
-            restored = f" {layer.name!r} is as before Accept, with your corrections."
-        self._before_accept = None
-        self.tuner, self.steps_done, self.losses = None, 0, []
+            restored = f" {layer.name!r} is as before that round's Accept, with your corrections."
+        self.tuner, self.steps_done, self.losses, self._session = (
+            last["tuner"], last["steps_done"], last["losses"], last["session"])
         self.loss.setText("")
-        self.runner.status.setText("Reverted: the fine-tuned weights are gone." + (restored or " Layers are unchanged."))
+        back = ("the fine-tuned weights are gone" if self.tuner is None else
+                f"back to the weights of the round before ({self.steps_done} steps); Revert again to go further")
+        self.runner.status.setText(f"Reverted the last round: {back}." + (restored or " Layers are unchanged."))
         self._update_buttons()
 
     def save_as(self, name: str) -> bool:
@@ -414,7 +425,7 @@ class FinetuneWidget(QWidget):
         self.train_button.setEnabled(idle)
         for push in (self.accept_button, self.revert_button, self.save_button):
             push.setEnabled(idle and tuned)
-        self.revert_button.setEnabled(idle and (tuned or self._before_accept is not None))
+        self.revert_button.setEnabled(idle and bool(self._history))
         self.train_button.setText("Fine-tune again (continue)" if idle and tuned else "Fine-tune")
 
 

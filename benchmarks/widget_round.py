@@ -62,8 +62,9 @@ def _busy() -> None:
         pass
 
 
-def _wait(app, seconds: float | None = None, until=None) -> None:
-    """Run Qt's event loop (as napari does, not a Python polling loop) for a time or until ``until()``."""
+def run_qt_until(seconds: float | None = None, until=None) -> None:
+    """Run Qt's event loop (as napari does, not a Python polling loop, which keeps a core busy) for a
+    time or until ``until()``. docs/make_screenshots.py waits for its widgets with it too."""
     from qtpy.QtCore import QEventLoop, QTimer
 
     loop, start = QEventLoop(), time.perf_counter()
@@ -80,21 +81,29 @@ def _wait(app, seconds: float | None = None, until=None) -> None:
     poll.stop()
 
 
-def _dabbed(viewer, app, image, reference):
-    """The Segment widget's layer for ``image``, with size-5 dabs of the reference's label on 15 of the
-    voxels it gets wrong on each of its three worst slices, painted as napari's brush paints them."""
+def dab_worst_slices(layer, reference, slices: int = 3) -> np.ndarray:
+    """Size-5 dabs of ``reference``'s label on 15 of the voxels the Labels ``layer`` gets wrong on each of
+    its ``slices`` worst slices, painted as napari's brush paints them (a user correcting in place).
+    Returns those slices, worst first."""
+    ref = np.asarray(reference.data)
+    wrong = np.asarray(layer.data) != ref
+    worst = np.argsort(-wrong.reshape(len(ref), -1).sum(1))[:slices]
+    layer.brush_size = 5
+    for z in worst:
+        for y, x in np.argwhere(wrong[z])[::20][:15]:
+            layer.paint((z, y, x), int(ref[z, y, x]))
+    return worst
+
+
+def _dabbed(viewer, image, reference):
+    """The Segment widget's layer for ``image``, dabbed on its three worst slices (`dab_worst_slices`)."""
     _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     segment.inputs.model.select(MODEL)
     segment.inputs.image.set_layer(image)
     segment.run()
-    _wait(app, until=lambda: not segment.runner.running)
+    run_qt_until(until=lambda: not segment.runner.running)
     layer = viewer.layers[f"{image.name} {MODEL}"]
-    ref = np.asarray(reference.data)
-    wrong = np.asarray(layer.data) != ref
-    layer.brush_size = 5
-    for z in np.argsort(-wrong.reshape(len(ref), -1).sum(1))[:3]:
-        for y, x in np.argwhere(wrong[z])[::20][:15]:
-            layer.paint((z, y, x), int(ref[z, y, x]))
+    dab_worst_slices(layer, reference)
     return layer
 
 
@@ -122,7 +131,6 @@ def main(argv=None) -> None:
 
     import napari
     from qtpy.QtCore import QTimer
-    from qtpy.QtWidgets import QApplication
 
     from napari_consistent_seg._napari import _workers
 
@@ -130,8 +138,7 @@ def main(argv=None) -> None:
     (image,) = viewer.open(str(DATA / "images" / f"{CASE}.nii.gz"), plugin=PLUGIN)
     (reference,) = viewer.open(str(DATA / "labels" / f"{CASE}.nii.gz"), plugin=PLUGIN)
     reference.visible = False
-    app = QApplication.instance()
-    painted_layer = _dabbed(viewer, app, image, reference) if args.paint == "dabs" else viewer.add_labels(
+    painted_layer = _dabbed(viewer, image, reference) if args.paint == "dabs" else viewer.add_labels(
         np.where(np.isin(np.arange(len(reference.data)), [3, 6])[:, None, None], reference.data, 0),
         name="painted", scale=image.scale)
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
@@ -139,7 +146,7 @@ def main(argv=None) -> None:
     widget.inputs.image.set_layer(image)
     widget.painted.set_layer(painted_layer)
     widget.steps.setValue(args.steps)
-    _wait(app, seconds=2.0)
+    run_qt_until(seconds=2.0)
 
     # the GUI test's heartbeat: gaps while napari adds or removes a layer (its own work) are left out
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -173,13 +180,13 @@ def main(argv=None) -> None:
                         scroller.start(scroll_ms)
                     started = time.perf_counter()
                     assert widget.run()
-                    _wait(app, until=lambda: not widget.runner.running or (
+                    run_qt_until(until=lambda: not widget.runner.running or (
                         args.limit_s and time.perf_counter() - started > args.limit_s))
                     bar = widget.runner.progress_bar
                     steps_done = round(args.steps * bar.value() / max(bar.maximum(), 1))
                     if widget.runner.running:
                         widget.runner.cancel()
-                        _wait(app, until=lambda: not widget.runner.running)
+                        run_qt_until(until=lambda: not widget.runner.running)
                     seconds = time.perf_counter() - started
                     scroller.stop()
                 if widget.runner.cancel_requested:

@@ -6,10 +6,10 @@ xvfb-run -a -s "-screen 0 1500x950x24" .venv/bin/python docs/make_cardiac_screen
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import napari
+from make_screenshots import wait_for  # Qt's event loop until the widget's task ends (same folder)
 from qtpy.QtWidgets import QApplication
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,10 +25,7 @@ def main() -> Path:
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Cardiac function")
     widget.image.set_layer(image)
     widget.run()
-    while widget.runner.running:
-        QApplication.processEvents()
-        time.sleep(0.01)
-    QApplication.processEvents()
+    wait_for(widget)
     widget.labels_layer.opacity = 0.45
     widget.go_to_phase(widget.result.ed)
     axis = viewer.dims.ndim - 3  # the slice axis of the cine: show a mid-ventricular slice

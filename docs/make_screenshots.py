@@ -13,6 +13,9 @@ import numpy as np
 from qtpy.QtWidgets import QApplication
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from widget_round import dab_worst_slices, run_qt_until  # noqa: E402  (the widget round's benchmark)
+
 IMAGES_DIR = REPO_ROOT / "docs" / "images"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 PLUGIN = "napari-consistent-seg"
@@ -60,7 +63,7 @@ def oblique_cine() -> Path:
     widget.inputs.image.set_layer(image)
     widget.all_phases.setChecked(False)
     widget.run()
-    _wait(widget)
+    wait_for(widget)
     widget.last_layers[0].opacity = 0.45
     viewer.reset_view()
     return _save(viewer, "napari-oblique-cine.png")
@@ -99,16 +102,10 @@ def _dock(viewer, title: str, model: str | None = CARDIAC_MODEL):
     return widget
 
 
-def _wait(widget) -> None:
+def wait_for(widget) -> None:
     """Run Qt's event loop, as napari does, until the widget's task ends. (A Python loop polling Qt's
     events kept a core busy: the fine-tune round in the screenshot took 42 s instead of 26.)"""
-    from qtpy.QtCore import QEventLoop, QTimer
-
-    loop, poll = QEventLoop(), QTimer()
-    poll.timeout.connect(lambda: widget.runner.running or loop.quit())
-    poll.start(50)
-    loop.exec()
-    poll.stop()
+    run_qt_until(until=lambda: not widget.runner.running)
     QApplication.processEvents()
 
 
@@ -116,7 +113,7 @@ def _segment(viewer, image):
     widget = _dock(viewer, "Segment")
     widget.inputs.image.set_layer(image)
     widget.run()
-    _wait(widget)
+    wait_for(widget)
     return widget
 
 
@@ -133,20 +130,14 @@ def finetune_widget() -> Path:
     viewer, image, reference = _acdc_viewer()
     _segment(viewer, image)
     segmentation = viewer.layers[f"{image.name} {CARDIAC_MODEL}"]
-    ref = np.asarray(reference.data)
-    wrong = np.asarray(segmentation.data) != ref
-    worst = np.argsort(-wrong.reshape(len(ref), -1).sum(1))[:3]
-    segmentation.brush_size = 5
-    for z in worst:  # dabs of the right label where the model is wrong, as a user would paint
-        for y, x in np.argwhere(wrong[z])[::20][:15]:
-            segmentation.paint((z, y, x), int(ref[z, y, x]))
+    worst = dab_worst_slices(segmentation, reference)  # the right label where the model is wrong, as a user paints
     widget = _dock(viewer, "Fine-tune")
     widget.inputs.image.set_layer(image)
     widget.painted.set_layer(segmentation)
     widget.run()
-    _wait(widget)
+    wait_for(widget)
     widget.accept()
-    _wait(widget)
+    wait_for(widget)
     viewer.dims.set_point(0, int(worst[0]) * image.scale[0])
     segmentation.opacity = 0.5
     widget.save_name.setText("cardiac-patient028")
@@ -159,7 +150,7 @@ def attention_widget() -> Path:
     widget = _dock(viewer, "Class-attention maps")
     widget.inputs.image.set_layer(image)
     widget.run()
-    _wait(widget)
+    wait_for(widget)
     return _save(viewer, "widget-attention.png")
 
 
@@ -171,7 +162,7 @@ def evaluate_widget() -> Path:
     widget.prediction.set_layer(segmentation)
     widget.reference.set_layer(reference)
     widget.run()
-    _wait(widget)
+    wait_for(widget)
     return _save(viewer, "widget-evaluate.png")
 
 

@@ -297,6 +297,7 @@ def _benchmark_lines(bench: dict) -> list[str]:
                      "(mm where the files know their voxel size, else voxels)")
     return lines
 
+
 def cmd_info(args) -> int:
     from .models.store import read_card, resolve_model_path
 

@@ -4,8 +4,6 @@ or save the adapted model."""
 
 from __future__ import annotations
 
-import time
-
 import napari
 import numpy as np
 import torch._dynamo  # noqa: F401  (see below)
@@ -260,8 +258,7 @@ class FinetuneWidget(QWidget):
                     break
 
         # what a cancelled round must leave as it was
-        self._round = {"tuner": self.tuner, "steps_done": self.steps_done, "losses": list(self.losses),
-                       "session": self._session, "preview_layer": self.preview_layer,
+        self._round = {"before": self._state(), "preview_layer": self.preview_layer,
                        "preview_data": None if self.preview_layer is None else np.array(self.preview_layer.data),
                        "whole_slices": known if whole_slices else None, "recorder": self.recorders[id(painted_layer)]}
         if not self.runner.start(task, description=("Continuing to fine-tune" if continuing else "Fine-tuning")
@@ -311,7 +308,7 @@ class FinetuneWidget(QWidget):
         if self.runner.cancel_requested or self.runner.last_error is not None or not r.get("new_tuner"):
             self._restore_round()
         else:
-            self._history.append({key: r[key] for key in ("tuner", "steps_done", "losses", "session")})
+            self._history.append(r["before"])
             self.tuner = r["new_tuner"]
             if r["whole_slices"] is not None:  # from now on, Accept fills this layer: keep what was painted
                 r["recorder"].base = r["whole_slices"]
@@ -322,10 +319,20 @@ class FinetuneWidget(QWidget):
         self._round = {}
         self._update_buttons()
 
+    def _state(self) -> dict:
+        """The weights, counters and session a round starts from: what a cancelled round restores,
+        and what Revert brings back after it (with the layer before its Accept, added then)."""
+        return {"tuner": self.tuner, "steps_done": self.steps_done, "losses": list(self.losses),
+                "session": self._session}
+
+    def _set_state(self, state: dict) -> None:
+        self.tuner, self.steps_done, self.losses = state["tuner"], state["steps_done"], list(state["losses"])
+        self._session = state["session"]
+
     def _restore_round(self) -> None:
         """A cancelled or failed round: the weights, counters and preview as before it started."""
         r = self._round
-        self.tuner, self.steps_done, self.losses, self._session = r["tuner"], r["steps_done"], r["losses"], r["session"]
+        self._set_state(r["before"])
         if self.preview_layer is not None and self.preview_layer is not r["preview_layer"]:
             if self.preview_layer in self.viewer.layers:
                 self.viewer.layers.remove(self.preview_layer)
@@ -398,8 +405,7 @@ class FinetuneWidget(QWidget):
             layer.data[...] = before if known is None else np.where(known, current, before)
             layer.refresh()
             restored = f" {layer.name!r} is as before that round's Accept, with your corrections."
-        self.tuner, self.steps_done, self.losses, self._session = (
-            last["tuner"], last["steps_done"], last["losses"], last["session"])
+        self._set_state(last)
         self.loss.setText("")
         back = ("the fine-tuned weights are gone" if self.tuner is None else
                 f"back to the weights of the round before ({self.steps_done} steps); Revert again to go further")

@@ -239,11 +239,11 @@ def save_nifti(array_zyx, geometry: Geometry, path, *, is_label: bool = True) ->
     return path
 
 
-
 def save_volume(volume: Volume, path) -> Path:
     """Write ``volume`` as NIfTI on its source grid and affine (:func:`save_nifti`): as labels when it
     is a labels Volume (``segment``'s result), else as an image. Returns the path written."""
     return save_nifti(volume.data, volume.geometry, path, is_label=volume.is_label)
+
 
 def _label_array(array: np.ndarray, what: str = "Label arrays",
                  fix: str = "save this array as an image (is_label=False)") -> np.ndarray:
